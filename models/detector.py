@@ -1,0 +1,305 @@
+"""The RGB anomaly detector: ViT patch features scored against a memory bank.
+
+Pipeline (PatchCore / the RGB branch of M3DM): DINOv2 ViT-S/14 patch tokens ->
+3x3 local average -> greedy k-center coreset memory bank of normal patches ->
+nearest-neighbour distance per patch -> upsampled, Gaussian-blurred anomaly map;
+the image score is the maximum patch score. The decision threshold is calibrated
+on held-out normal frames for a target false-positive rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qcstream.models import data as data_io
+from qcstream.models.anomaly_map import anomaly_map_from_patches
+from qcstream.models.coreset import greedy_coreset
+from qcstream.models.features import PatchFeatureExtractor, preprocess
+from qcstream.models.memory_bank import nearest_neighbor_distances
+from qcstream.models.metrics import threshold_for_fpr
+from qcstream.models.vit import vit_small_patch14_dinov2
+from qcstream.models.weights import dinov2_vit_small
+
+logger = logging.getLogger(__name__)
+
+MODEL_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+BANK_FILE = "memory_bank.npy"
+BACKBONE_FILE = "backbone.pt"
+
+ImageLike = np.ndarray | str | Path
+
+
+class ModelError(RuntimeError):
+    """A model directory that is missing, incomplete or of an unknown version."""
+
+
+@dataclasses.dataclass
+class DetectorConfig:
+    """Settings of the RGB detector; saved with the model."""
+
+    backbone: str = "dinov2_vits14"
+    #: Network input (height, width) in pixels; multiples of the 14-pixel patch.
+    image_size: tuple[int, int] = (224, 224)
+    #: ViT blocks (0-based) whose patch tokens are joined into the patch feature.
+    layers: tuple[int, ...] = (7, 11)
+    #: Patch grid (rows, cols) of the memory bank; None keeps the ViT's token grid.
+    feature_grid: tuple[int, int] | None = None
+    #: Fraction of the training patches kept in the memory bank.
+    coreset_ratio: float = 0.1
+    #: Gaussian blur of the anomaly map, in pixels of the original image.
+    blur_sigma: float = 4.0
+    #: False-positive rate on normal validation frames that sets the threshold.
+    target_fpr: float = 0.05
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(self.image_size)
+        self.layers = tuple(self.layers)
+        if self.feature_grid is not None:
+            self.feature_grid = tuple(self.feature_grid)
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio {self.coreset_ratio} must be in (0, 1]")
+        if not 0.0 <= self.target_fpr < 1.0:
+            raise ValueError(f"target_fpr {self.target_fpr} must be in [0, 1)")
+        for side in self.image_size:
+            if side % 14:
+                raise ValueError(f"image_size {self.image_size} must be multiples of 14, the ViT-S/14 patch size")
+
+
+@dataclasses.dataclass
+class Prediction:
+    """The detector's output for one frame."""
+
+    image_score: float
+    #: (H, W) float32 at the input image's resolution; higher is more anomalous.
+    anomaly_map: np.ndarray
+    is_defect: bool
+    threshold: float
+    mode: str = "rgb"
+
+
+class PatchCoreDetector:
+    """Fit on normal images, then score new ones; see the module docstring.
+
+    Fitted state: ``memory_bank_`` ``(N, C)`` float16, ``threshold_``,
+    ``score_range_`` (pixel scores for colouring maps), ``version_``.
+    """
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self._extractor: PatchFeatureExtractor | None = None
+        self.memory_bank_: torch.Tensor | None = None
+        self.threshold_: float | None = None
+        self.score_range_: tuple[float, float] | None = None
+        self.version_: str | None = None
+        self.fit_info_: dict = {}
+
+    # --- backbone -----------------------------------------------------------------
+
+    def _build_extractor(self, pretrained: bool) -> PatchFeatureExtractor:
+        if self.config.backbone != "dinov2_vits14":
+            raise ValueError(f"unknown backbone {self.config.backbone!r}; available: 'dinov2_vits14'")
+        if pretrained:
+            backbone = dinov2_vit_small(self.config.image_size)
+        else:
+            backbone = vit_small_patch14_dinov2(self.config.image_size)
+        grid = self.config.feature_grid or backbone.grid_size
+        return PatchFeatureExtractor(backbone, self.config.layers, grid).eval()
+
+    @property
+    def extractor(self) -> PatchFeatureExtractor:
+        if self._extractor is None:
+            self._extractor = self._build_extractor(pretrained=True)
+        return self._extractor
+
+    @torch.inference_mode()
+    def extract(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Return patch features ``(B, h, w, C)`` of ``(H, W, 3)`` uint8 images."""
+        batch = preprocess(list(images), self.config.image_size)
+        return self.extractor(batch).permute(0, 2, 3, 1)
+
+    def _batches(self, images: Sequence[ImageLike], desc: str, progress: bool) -> Iterable[list[np.ndarray]]:
+        size = self.config.batch_size
+        with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, len(images), size):
+                chunk = [_as_rgb(image) for image in images[start : start + size]]
+                yield chunk
+                bar.update(len(chunk))
+
+    # --- fitting ------------------------------------------------------------------
+
+    def fit(
+        self,
+        train_images: Sequence[ImageLike],
+        validation_images: Sequence[ImageLike] | None = None,
+        progress: bool = True,
+    ) -> "PatchCoreDetector":
+        """Build the memory bank from normal ``train_images`` and calibrate the threshold.
+
+        ``validation_images`` are held-out normal frames; without them the threshold
+        is calibrated on the training frames, which sets it too low (they are in the
+        bank), and a warning is logged.
+        """
+        if len(train_images) == 0:
+            raise ValueError("no training images: fit needs at least one normal image")
+        started = time.perf_counter()
+
+        logger.info("Extracting patch features of %d normal images", len(train_images))
+        chunks = [self.extract(batch).reshape(-1, self.extractor.feature_dim).half() for batch in self._batches(train_images, "features", progress)]
+        features = torch.cat(chunks)
+        del chunks
+
+        n_select = max(1, int(round(features.shape[0] * self.config.coreset_ratio)))
+        selected = greedy_coreset(features, n_select, seed=self.config.seed, progress=progress)
+        self.memory_bank_ = features[selected].contiguous()
+        del features
+
+        if validation_images is None or len(validation_images) == 0:
+            logger.warning("No validation images: calibrating the threshold on training images, which underestimates it")
+            validation_images = train_images
+        self.calibrate(validation_images, progress=progress)
+
+        self.fit_info_ = {
+            "n_train_images": len(train_images),
+            "n_validation_images": len(validation_images),
+            "memory_bank_size": int(self.memory_bank_.shape[0]),
+            "fit_seconds": round(time.perf_counter() - started, 1),
+            "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.version_ = self._compute_version()
+        logger.info("Fitted model %s: memory bank %s, threshold %.4f", self.version_, tuple(self.memory_bank_.shape), self.threshold_)
+        return self
+
+    def calibrate(self, normal_images: Sequence[ImageLike], target_fpr: float | None = None, progress: bool = True) -> float:
+        """Set ``threshold_`` so that at most ``target_fpr`` of ``normal_images`` are flagged."""
+        target = self.config.target_fpr if target_fpr is None else target_fpr
+        scores, maps = self.score(normal_images, progress=progress, desc="calibration")
+        self.threshold_ = threshold_for_fpr(scores, target)
+        self.config.target_fpr = target
+
+        pixels = np.concatenate([m.ravel() for m in maps])
+        self.score_range_ = (float(np.percentile(pixels, 50)), float(max(self.threshold_, np.percentile(pixels, 99.9))))
+        logger.info("Calibrated threshold %.4f for target FPR %.3f on %d normal images", self.threshold_, target, len(scores))
+        return self.threshold_
+
+    # --- scoring ------------------------------------------------------------------
+
+    def _require_fitted(self) -> torch.Tensor:
+        if self.memory_bank_ is None:
+            raise ModelError("the detector is not fitted: call fit() or load a model directory")
+        return self.memory_bank_
+
+    def score_batch(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Score ``(H, W, 3)`` uint8 images; return image scores ``(B,)`` and maps ``[(H, W)]``."""
+        bank = self._require_fitted()
+        features = self.extract(images)
+        batch, rows, cols, channels = features.shape
+        patch_scores = nearest_neighbor_distances(features.reshape(-1, channels), bank).reshape(batch, rows, cols)
+
+        image_scores = patch_scores.reshape(batch, -1).max(dim=1).values.numpy()
+        maps = []
+        for i, image in enumerate(images):
+            full = anomaly_map_from_patches(patch_scores[i : i + 1], image.shape[:2], self.config.blur_sigma)
+            maps.append(full[0].numpy().astype(np.float32))
+        return image_scores.astype(np.float64), maps
+
+    def score(self, images: Sequence[ImageLike], progress: bool = False, desc: str = "scoring") -> tuple[np.ndarray, list[np.ndarray]]:
+        """Score many images in batches; see :meth:`score_batch`."""
+        scores, maps = [], []
+        for batch in self._batches(images, desc, progress):
+            batch_scores, batch_maps = self.score_batch(batch)
+            scores.append(batch_scores)
+            maps.extend(batch_maps)
+        return np.concatenate(scores), maps
+
+    def predict(self, rgb: np.ndarray, xyz: np.ndarray | None = None) -> Prediction:
+        """Score one ``(H, W, 3)`` uint8 frame. ``xyz`` is ignored by this RGB-only model."""
+        if self.threshold_ is None:
+            raise ModelError("the detector has no threshold: fit() or calibrate() it first")
+        scores, maps = self.score_batch([rgb])
+        score = float(scores[0])
+        return Prediction(image_score=score, anomaly_map=maps[0], is_defect=score >= self.threshold_, threshold=self.threshold_)
+
+    @property
+    def version(self) -> str:
+        return self.version_ or "unfitted"
+
+    @property
+    def score_range(self) -> tuple[float, float]:
+        return self.score_range_ or (0.0, 1.0)
+
+    # --- persistence --------------------------------------------------------------
+
+    def _compute_version(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+        digest.update(self._require_fitted().numpy().tobytes())
+        digest.update(repr(self.threshold_).encode())
+        return f"{self.config.backbone}-{digest.hexdigest()[:12]}"
+
+    def save(self, model_dir: str | Path) -> Path:
+        """Write the config, memory bank and backbone weights to ``model_dir``."""
+        bank = self._require_fitted()
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+
+        np.save(model_dir / BANK_FILE, bank.numpy())
+        torch.save(self.extractor.backbone.state_dict(), model_dir / BACKBONE_FILE)
+        meta = {
+            "format_version": MODEL_FORMAT_VERSION,
+            "kind": "patchcore-rgb",
+            "backbone_form": "torch-fp32",
+            "version": self.version,
+            "config": dataclasses.asdict(self.config),
+            "threshold": self.threshold_,
+            "score_range": list(self.score_range),
+            "fit_info": self.fit_info_,
+        }
+        (model_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        logger.info("Saved model %s to %s", self.version, model_dir)
+        return model_dir
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "PatchCoreDetector":
+        """Load a model directory written by :meth:`save`."""
+        model_dir = Path(model_dir)
+        config_path = model_dir / CONFIG_FILE
+        if not config_path.is_file():
+            raise ModelError(f"no fitted model in {model_dir}: run `qcstream fit <folder of good images>` first")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format_version") != MODEL_FORMAT_VERSION:
+            raise ModelError(f"model in {model_dir} has format_version {meta.get('format_version')!r}; this qcstream reads {MODEL_FORMAT_VERSION}: refit it")
+
+        detector = cls(DetectorConfig(**meta["config"]))
+        extractor = detector._build_extractor(pretrained=False)
+        extractor.backbone.load_state_dict(torch.load(model_dir / BACKBONE_FILE, map_location="cpu", weights_only=True))
+        detector._extractor = extractor
+        detector.memory_bank_ = torch.from_numpy(np.load(model_dir / BANK_FILE))
+        detector.threshold_ = float(meta["threshold"])
+        detector.score_range_ = tuple(meta["score_range"])
+        detector.version_ = meta["version"]
+        detector.fit_info_ = meta.get("fit_info", {})
+        return detector
+
+
+def load_detector(model_dir: str | Path) -> PatchCoreDetector:
+    """Load the detector saved in ``model_dir``."""
+    return PatchCoreDetector.load(model_dir)
+
+
+def _as_rgb(image: ImageLike) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image
+    return data_io.load_rgb(image)

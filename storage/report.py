@@ -1,0 +1,219 @@
+"""Per-line quality report: inspection volume, defect rate, FNR/FPR against labels, latency."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qcstream.settings import Settings
+from qcstream.storage.objects import anomaly_map_prefix, object_url, s3_uri
+from qcstream.storage.queries import (
+    LineDefectRate,
+    LineLatency,
+    LineRates,
+    defect_rates,
+    latency_percentiles,
+    rolling_rates,
+    window_start,
+)
+
+logger = logging.getLogger(__name__)
+
+NOT_AVAILABLE = "n/a"
+
+
+@dataclasses.dataclass(frozen=True)
+class LineReport:
+    """Figures of one production line, with None where there is nothing to compute from."""
+
+    line_id: str
+    frames_inspected: int
+    predicted_defects: int
+    defect_rate: float | None
+    n_labelled: int
+    n_defects: int
+    n_good: int
+    false_negatives: int
+    false_positives: int
+    fnr: float | None
+    fpr: float | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    detector_p50_ms: float | None
+    detector_p95_ms: float | None
+    #: ``s3://<bucket>/<line_id>/``, under which the line's anomaly maps lie.
+    maps_uri: str
+    #: The same prefix as an HTTP address on the configured MinIO.
+    maps_url: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityReport:
+    """Report over one window: ``window_seconds`` applies to every figure, ``last_n`` to FNR/FPR only."""
+
+    generated_at: float
+    window_seconds: float | None
+    last_n: int | None
+    maps_bucket: str
+    lines: list[LineReport]
+
+    @property
+    def frames_inspected(self) -> int:
+        return sum(line.frames_inspected for line in self.lines)
+
+    @property
+    def predicted_defects(self) -> int:
+        return sum(line.predicted_defects for line in self.lines)
+
+    @property
+    def n_labelled(self) -> int:
+        return sum(line.n_labelled for line in self.lines)
+
+    @property
+    def totals(self) -> LineRates:
+        """All lines' label counts summed, under the line id ``"all"``."""
+        return LineRates(
+            line_id="all",
+            n_labelled=self.n_labelled,
+            n_defects=sum(line.n_defects for line in self.lines),
+            n_good=sum(line.n_good for line in self.lines),
+            false_negatives=sum(line.false_negatives for line in self.lines),
+            false_positives=sum(line.false_positives for line in self.lines),
+        )
+
+
+def quality_report(
+    root: Path,
+    settings: Settings,
+    window_seconds: float | None = None,
+    last_n: int | None = None,
+    now: float | None = None,
+) -> QualityReport:
+    """Compute the report for every line found in the results or labels under ``root``."""
+    now = time.time() if now is None else now
+    rates = {row.line_id: row for row in rolling_rates(root, window_seconds=window_seconds, last_n=last_n, now=now)}
+    volumes = {row.line_id: row for row in defect_rates(root, window_seconds=window_seconds, now=now)}
+    latencies = {row.line_id: row for row in latency_percentiles(root, window_seconds=window_seconds, now=now)}
+
+    lines = [
+        _line_report(line_id, volumes.get(line_id), rates.get(line_id), latencies.get(line_id), settings)
+        for line_id in sorted(set(rates) | set(volumes) | set(latencies))
+    ]
+    logger.info("quality report over %d lines from %s", len(lines), root)
+    return QualityReport(
+        generated_at=now,
+        window_seconds=window_seconds,
+        last_n=last_n,
+        maps_bucket=settings.bucket_maps,
+        lines=lines,
+    )
+
+
+def _line_report(
+    line_id: str,
+    volume: LineDefectRate | None,
+    rates: LineRates | None,
+    latency: LineLatency | None,
+    settings: Settings,
+) -> LineReport:
+    rates = rates or LineRates(line_id, 0, 0, 0, 0, 0)
+    prefix = anomaly_map_prefix(line_id)
+    return LineReport(
+        line_id=line_id,
+        frames_inspected=volume.frames_inspected if volume else 0,
+        predicted_defects=volume.predicted_defects if volume else 0,
+        defect_rate=volume.defect_rate if volume else None,
+        n_labelled=rates.n_labelled,
+        n_defects=rates.n_defects,
+        n_good=rates.n_good,
+        false_negatives=rates.false_negatives,
+        false_positives=rates.false_positives,
+        fnr=rates.fnr,
+        fpr=rates.fpr,
+        latency_p50_ms=latency.latency_p50_ms if latency else None,
+        latency_p95_ms=latency.latency_p95_ms if latency else None,
+        detector_p50_ms=latency.detector_p50_ms if latency else None,
+        detector_p95_ms=latency.detector_p95_ms if latency else None,
+        maps_uri=s3_uri(settings.bucket_maps, prefix),
+        maps_url=object_url(settings, settings.bucket_maps, prefix),
+    )
+
+
+def format_report(report: QualityReport) -> str:
+    """Render the report as a header, a fixed-width table and the anomaly map locations."""
+    header = [
+        "line", "frames", "defect rate", "labelled", "FN/defects", "FNR", "FP/good", "FPR",
+        "p50 ms", "p95 ms", "detector p50 ms", "detector p95 ms",
+    ]
+    rows = [
+        [
+            line.line_id,
+            str(line.frames_inspected),
+            _percent(line.defect_rate),
+            str(line.n_labelled),
+            f"{line.false_negatives}/{line.n_defects}",
+            _percent(line.fnr),
+            f"{line.false_positives}/{line.n_good}",
+            _percent(line.fpr),
+            _milliseconds(line.latency_p50_ms),
+            _milliseconds(line.latency_p95_ms),
+            _milliseconds(line.detector_p50_ms),
+            _milliseconds(line.detector_p95_ms),
+        ]
+        for line in report.lines
+    ]
+    widths = [max(len(cells[column]) for cells in [header, *rows]) for column in range(len(header))]
+
+    output = [_header(report), ""]
+    output.append(_table_row(header, widths))
+    output.append(_table_row(["-" * width for width in widths], widths))
+    output.extend(_table_row(cells, widths) for cells in rows)
+    if not rows:
+        output.append("(no results or labels in this window)")
+
+    output.append("")
+    output.append(f"Anomaly maps (bucket {report.maps_bucket}):")
+    line_width = max((len(line.line_id) for line in report.lines), default=0)
+    output.extend(f"  {line.line_id:<{line_width}}  {line.maps_uri}  {line.maps_url}" for line in report.lines)
+    return "\n".join(output)
+
+
+def _header(report: QualityReport) -> str:
+    """Return two lines: the time and window, then the totals over all lines."""
+    totals = report.totals
+    if report.window_seconds is not None:
+        start = window_start(report.window_seconds, report.generated_at)
+        window = f"window: last {report.window_seconds:g} s (frames captured since {_utc(start)})"
+    elif report.last_n is not None:
+        window = f"window: last {report.last_n} labelled frames per line for FN/FP, all frames otherwise"
+    else:
+        window = "window: all frames"
+    return (
+        f"Quality report at {_utc(report.generated_at)} | {window}\n"
+        f"Totals: {len(report.lines)} lines, {report.frames_inspected} frames inspected, "
+        f"{report.predicted_defects} predicted defects, {totals.n_labelled} labelled, "
+        f"FNR {_percent(totals.fnr)} ({totals.false_negatives}/{totals.n_defects}), "
+        f"FPR {_percent(totals.fpr)} ({totals.false_positives}/{totals.n_good})"
+    )
+
+
+def _table_row(cells: list[str], widths: list[int]) -> str:
+    # The line id is text, so it is left-aligned. Every other column is a number, right-aligned.
+    first = cells[0].ljust(widths[0])
+    rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:])]
+    return "  ".join([first, *rest]).rstrip()
+
+
+def _percent(value: float | None) -> str:
+    return NOT_AVAILABLE if value is None else f"{100 * value:.1f}%"
+
+
+def _milliseconds(value: float | None) -> str:
+    return NOT_AVAILABLE if value is None else f"{value:.1f}"
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

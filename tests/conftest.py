@@ -1,0 +1,90 @@
+"""Shared fixtures: the real local Kafka and MinIO, and a small fitted model.
+
+Integration tests run against the services of ``qcstream services up``. When they
+are not running, the session starts them and stops them at the end. Each test
+session uses its own topics, buckets and data folder, so runs never mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from pathlib import Path
+
+import pytest
+
+from qcstream.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
+TIRE_ROOT = DATA_ROOT / "mvtec3d_tire"
+TILE_ROOT = DATA_ROOT / "magnetic_tile"
+
+
+def require_data(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path}: place the shared data folder beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tire_root() -> Path:
+    return require_data(TIRE_ROOT)
+
+
+@pytest.fixture(scope="session")
+def live_services() -> Settings:
+    """Make sure the local Kafka and MinIO run; stop them afterwards if this session started them."""
+    from qcstream import services
+
+    settings = Settings.from_env()
+    was_running = all(item.running for item in services.status(settings).values())
+    settings = services.up(settings)
+    yield settings
+    if not was_running:
+        services.down(settings)
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(live_services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for the running services with topics, buckets and data folder unique to this session."""
+    suffix = uuid.uuid4().hex[:8]
+    return dataclasses.replace(
+        live_services,
+        data_dir=tmp_path_factory.mktemp("qcstream-data"),
+        topic_frames=f"frames-{suffix}",
+        topic_results=f"results-{suffix}",
+        topic_defects=f"defects-{suffix}",
+        topic_labels=f"labels-{suffix}",
+        topic_dead_letter=f"frames-dead-letter-{suffix}",
+        bucket_frames=f"frames-{suffix}",
+        bucket_maps=f"anomaly-maps-{suffix}",
+        app_id=f"qcstream-test-{suffix}",
+        worker_web_port=_free_port(),
+    )
+
+
+@pytest.fixture(scope="session")
+def minio_settings(kafka_settings: Settings) -> Settings:
+    return kafka_settings
+
+
+@pytest.fixture(scope="session")
+def fitted_model_dir(tire_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A detector fitted on 24 tire training images and calibrated on 8 validation images."""
+    from qcstream.models import data as data_io
+    from qcstream.models.detector import DetectorConfig, PatchCoreDetector
+
+    train = [s.image_path for s in data_io.discover(tire_root, "train")][:24]
+    validation = [s.image_path for s in data_io.discover(tire_root, "validation")][:8]
+    model_dir = tmp_path_factory.mktemp("model")
+    PatchCoreDetector(DetectorConfig(coreset_ratio=0.1)).fit(train, validation, progress=False).save(model_dir)
+    return model_dir
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,357 @@
+"""End to end: camera frames through Kafka, the worker and MinIO into Parquet.
+
+Runs the real worker process (fitted model, Faust, Kafka, MinIO, Parquet) on real
+tire photos, plus one corrupt payload and one reference of an unknown schema
+version that must land on the dead-letter topic without stopping the worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer
+from PIL import Image
+
+from qcstream.settings import ENV_PREFIX, Settings
+from qcstream.storage.objects import ObjectStore, frame_payload_key
+from qcstream.streams.labels import LabelPublisher, label_from_mask
+from qcstream.streams.producer import FrameProducer, new_kafka_producer, replay_folder
+from qcstream.streams.records import DeadLetter, FrameRef, InspectionResult
+from qcstream.streams.topics import ensure_topics, topic_names
+
+pytestmark = pytest.mark.integration
+
+TIRE_TEST = Path("/work/shared/data/mvtec3d_tire/test")
+#: (defect type, file) of the real frames sent; the painted frame is added to these.
+REAL_FRAMES = [
+    ("good", "002.png"),
+    ("cut", "000.png"),
+    ("hole", "000.png"),
+    ("good", "004.png"),
+    ("contamination", "000.png"),
+    ("combined", "000.png"),
+    ("good", "006.png"),
+]
+#: Upper bound for the whole pipeline to deliver (model loading, group join, scoring on CPU).
+DEADLINE_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def worker_command() -> list[str]:
+    if importlib.util.find_spec("qcstream.cli") is not None:
+        return [sys.executable, "-m", "qcstream.cli", "worker"]
+    code = (
+        "from qcstream.settings import Settings\n"
+        "from qcstream.streams.worker import run_worker\n"
+        "run_worker(Settings.from_env())\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``Settings.from_env()`` in the worker equal ``settings``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+    values = {
+        "HOME": settings.home,
+        "DATA_DIR": settings.data_dir,
+        "MODEL_DIR": settings.model_dir,
+        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "KAFKA_PORT": settings.kafka_port,
+        "KAFKA_CONTROLLER_PORT": settings.kafka_controller_port,
+        "MINIO_ENDPOINT": settings.minio_endpoint,
+        "MINIO_ACCESS_KEY": settings.minio_access_key,
+        "MINIO_SECRET_KEY": settings.minio_secret_key,
+        "MINIO_SECURE": str(settings.minio_secure).lower(),
+        "TOPIC_FRAMES": settings.topic_frames,
+        "TOPIC_RESULTS": settings.topic_results,
+        "TOPIC_DEFECTS": settings.topic_defects,
+        "TOPIC_LABELS": settings.topic_labels,
+        "TOPIC_DEAD_LETTER": settings.topic_dead_letter,
+        "BUCKET_FRAMES": settings.bucket_frames,
+        "BUCKET_MAPS": settings.bucket_maps,
+        "WORKER_WEB_PORT": settings.worker_web_port,
+        "SINK_BATCH_SIZE": settings.sink_batch_size,
+        "SINK_BATCH_SECONDS": settings.sink_batch_seconds,
+    }
+    env.update({ENV_PREFIX + name: str(value) for name, value in values.items()})
+    return env
+
+
+@pytest.fixture
+def settings(kafka_settings: Settings, fitted_model_dir: Path, tmp_path: Path) -> Settings:
+    """Settings with this test's own topics, buckets, data folder and web port."""
+    run = uuid.uuid4().hex[:8]
+    return dataclasses.replace(
+        kafka_settings,
+        data_dir=tmp_path / "data",
+        model_dir=Path(fitted_model_dir),
+        topic_frames=f"frames-{run}",
+        topic_results=f"results-{run}",
+        topic_defects=f"defects-{run}",
+        topic_labels=f"labels-{run}",
+        topic_dead_letter=f"dead-letter-{run}",
+        bucket_frames=f"frames-{run}",
+        bucket_maps=f"maps-{run}",
+        worker_web_port=free_port(),
+        sink_batch_size=50,
+        sink_batch_seconds=1.0,
+    )
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path):
+    """Start the worker process, with its output in ``worker.log``, and stop it after the test.
+
+    The stop uses SIGTERM, so the worker leaves the consumer group. A killed worker
+    would delay the next worker's group join until Kafka's session timeout.
+    """
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            worker_command(), env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
+    process.log_path = log_path
+    yield process
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def log_tail(process, lines: int = 60) -> str:
+    text = Path(process.log_path).read_text(errors="replace").splitlines()
+    return "worker log (last lines):\n" + "\n".join(text[-lines:])
+
+
+def painted_frame() -> np.ndarray:
+    """Return a good tire photo with a saturated red square on it, far from any normal patch.
+
+    A model fitted on only 16 tire photos scored it 2.6 times its threshold.
+    """
+    rgb = np.asarray(Image.open(TIRE_TEST / "good" / "rgb" / "000.png").convert("RGB")).copy()
+    rgb[150:250, 100:200] = (255, 0, 0)
+    return rgb
+
+
+def send_good_frames(settings: Settings) -> dict[str, FrameRef]:
+    """Send 8 frames over two lines and two cameras; return the references by frame id."""
+    images = [TIRE_TEST / kind / "rgb" / name for kind, name in REAL_FRAMES] + [painted_frame()]
+    refs = {}
+    with FrameProducer(settings) as producer:
+        for index, image in enumerate(images):
+            line_id = "line-a" if index < 4 else "line-b"
+            ref = producer.send_frame(image, line_id=line_id, camera_id=f"cam-{index % 2 + 1}")
+            refs[ref.frame_id] = ref
+    return refs
+
+
+def send_bad_frames(settings: Settings) -> tuple[FrameRef, bytes]:
+    """Send a reference to a corrupt payload and a reference of schema version 2.0."""
+    store = ObjectStore(settings)
+    captured_at = time.time()
+    corrupt_key = frame_payload_key("line-a", "cam-1", captured_at, "corrupt-1", "png")
+    store.put_bytes(settings.bucket_frames, corrupt_key, b"\x89PNG\r\n\x1a\n" + os.urandom(2048), "image/png")
+    corrupt = FrameRef(
+        frame_id="corrupt-1",
+        line_id="line-a",
+        camera_id="cam-1",
+        captured_at=captured_at,
+        payload_bucket=settings.bucket_frames,
+        payload_key=corrupt_key,
+        payload_format="png",
+        width=300,
+        height=400,
+    )
+    future_body = json.loads(dataclasses.replace(corrupt, frame_id="future-1").dumps())
+    future_body["schema_version"] = "2.0"
+    future_value = json.dumps(future_body).encode()
+
+    producer = new_kafka_producer(settings, client_id="qcstream-test")
+    try:
+        producer.send(settings.topic_frames, key=b"line-a", value=corrupt.dumps())
+        producer.send(settings.topic_frames, key=b"line-b", value=future_value)
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
+    return corrupt, future_value
+
+
+def collect(settings: Settings, worker, expected_results: int, expected_letters: int) -> dict[str, list]:
+    """Read results, defects and dead letters until the expected counts arrive, then 3 s more."""
+    consumer = KafkaConsumer(
+        settings.topic_results,
+        settings.topic_defects,
+        settings.topic_dead_letter,
+        bootstrap_servers=settings.kafka_bootstrap.split(","),
+        group_id=None,
+        auto_offset_reset="earliest",
+    )
+    messages: dict[str, list] = {settings.topic_results: [], settings.topic_defects: [], settings.topic_dead_letter: []}
+    deadline = time.monotonic() + DEADLINE_S
+    quiet_until = None
+    try:
+        while time.monotonic() < deadline and (quiet_until is None or time.monotonic() < quiet_until):
+            assert worker.poll() is None, f"worker exited with {worker.returncode}\n{log_tail(worker)}"
+            for records in consumer.poll(timeout_ms=1000).values():
+                for record in records:
+                    messages[record.topic].append(record)
+            done = (
+                len(messages[settings.topic_results]) >= expected_results
+                and len(messages[settings.topic_dead_letter]) >= expected_letters
+            )
+            if done and quiet_until is None:
+                quiet_until = time.monotonic() + 3.0  # a duplicate would show up here
+    finally:
+        consumer.close()
+    return messages
+
+
+def query(sql: str) -> list[tuple]:
+    with duckdb.connect() as connection:
+        return connection.execute(sql).fetchall()
+
+
+def parquet_count(settings: Settings, kind: str) -> int:
+    pattern = str(settings.data_dir / kind / "**" / "*.parquet")
+    if not list((settings.data_dir / kind).glob("**/*.parquet")):
+        return 0
+    return query(f"SELECT count(*) FROM read_parquet('{pattern}', hive_partitioning = true)")[0][0]
+
+
+def wait_for_parquet(settings: Settings, kind: str, expected: int) -> int:
+    deadline = time.monotonic() + 60.0
+    count = parquet_count(settings, kind)
+    while count < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        count = parquet_count(settings, kind)
+    return count
+
+
+def partition_count(settings: Settings, topic: str) -> int:
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap.split(","))
+    try:
+        return len(admin.describe_topics([topic])[0]["partitions"])
+    finally:
+        admin.close()
+
+
+def test_ensure_topics_creates_missing_once(kafka_settings: Settings):
+    run = uuid.uuid4().hex[:8]
+    settings = dataclasses.replace(
+        kafka_settings,
+        topic_frames=f"frames-{run}",
+        topic_results=f"results-{run}",
+        topic_defects=f"defects-{run}",
+        topic_labels=f"labels-{run}",
+        topic_dead_letter=f"dead-letter-{run}",
+    )
+
+    assert ensure_topics(settings, partitions=3) == topic_names(settings)
+    assert ensure_topics(settings, partitions=3) == []
+    assert partition_count(settings, settings.topic_frames) == 3
+
+
+def test_replay_folder_sends_frames_in_order(kafka_settings: Settings):
+    run = uuid.uuid4().hex[:8]
+    settings = dataclasses.replace(kafka_settings, topic_frames=f"frames-{run}", bucket_frames=f"frames-{run}")
+    ensure_topics(settings)
+    images = [TIRE_TEST / "good" / "rgb" / name for name in ("002.png", "004.png", "006.png")]
+
+    refs = replay_folder(settings, images, line_id="line-r", camera_id="cam-r")
+
+    consumer = KafkaConsumer(
+        settings.topic_frames,
+        bootstrap_servers=settings.kafka_bootstrap.split(","),
+        group_id=None,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+    )
+    try:
+        received = [(record.key, FrameRef.loads(record.value)) for record in consumer]
+    finally:
+        consumer.close()
+    assert [ref for _, ref in received] == refs
+    assert {key for key, _ in received} == {b"line-r"}
+    store = ObjectStore(settings)
+    for image, ref in zip(images, refs):
+        assert store.get_bytes(settings.bucket_frames, ref.payload_key) == image.read_bytes()
+
+
+def test_frames_flow_from_producer_to_parquet(settings: Settings, worker):
+    ensure_topics(settings)
+    refs = send_good_frames(settings)
+    corrupt, future_value = send_bad_frames(settings)
+
+    messages = collect(settings, worker, expected_results=len(refs), expected_letters=2)
+
+    # Every good frame gives exactly one result, keyed by its line.
+    results = [InspectionResult.loads(record.value) for record in messages[settings.topic_results]]
+    assert sorted(result.frame_id for result in results) == sorted(refs), log_tail(worker)
+    for record, result in zip(messages[settings.topic_results], results):
+        ref = refs[result.frame_id]
+        assert record.key == ref.line_id.encode()
+        assert (result.line_id, result.camera_id, result.captured_at) == (ref.line_id, ref.camera_id, ref.captured_at)
+        assert result.latency_ms == pytest.approx((result.inspected_at - ref.captured_at) * 1000.0)
+
+    # Both maps of every frame are in MinIO, at the frame's size.
+    store = ObjectStore(settings)
+    for result in results:
+        png = store.get_bytes(result.maps_bucket, result.anomaly_map_png_key)
+        with Image.open(io.BytesIO(png)) as overlay:
+            assert (overlay.format, overlay.size) == ("PNG", (300, 400))
+        with np.load(io.BytesIO(store.get_bytes(result.maps_bucket, result.anomaly_map_raw_key))) as archive:
+            raw = archive["anomaly_map"]
+        assert raw.shape == (400, 300)
+        assert raw.dtype == np.float32
+
+    # The defects topic carries exactly the defective results; the painted frame is one.
+    defects = [InspectionResult.loads(record.value) for record in messages[settings.topic_defects]]
+    assert sorted(d.frame_id for d in defects) == sorted(r.frame_id for r in results if r.is_defect)
+    painted = next(r for r in results if r.frame_id == list(refs)[-1])
+    assert painted.is_defect, f"score {painted.image_score} below threshold {painted.threshold}"
+
+    # The two bad messages are dead letters with their reasons; the worker lives on.
+    letters = {letter.frame_id: letter for letter in map(DeadLetter.loads, (r.value for r in messages[settings.topic_dead_letter]))}
+    assert sorted(letters) == ["corrupt-1", "future-1"]
+    assert letters["corrupt-1"].reason.startswith(f"invalid payload {settings.bucket_frames}/{corrupt.payload_key}")
+    assert "unsupported schema_version '2.0'" in letters["future-1"].reason
+    assert letters["future-1"].original_value == future_value.decode()
+    assert worker.poll() is None, log_tail(worker)
+
+    # Labels from the inspection station reach Parquet too.
+    good_frame, cut_frame = list(refs.values())[:2]  # the first two of REAL_FRAMES
+    with LabelPublisher(settings) as publisher:
+        publisher.send(label_from_mask(cut_frame.frame_id, cut_frame.line_id, TIRE_TEST / "cut" / "gt" / "000.png", "cut"))
+        publisher.send(label_from_mask(good_frame.frame_id, good_frame.line_id, TIRE_TEST / "good" / "gt" / "002.png"))
+
+    assert wait_for_parquet(settings, "results", len(refs)) == len(refs), log_tail(worker)
+    assert wait_for_parquet(settings, "labels", 2) == 2, log_tail(worker)
+    pattern = str(settings.data_dir / "results" / "**" / "*.parquet")
+    stored = dict(query(f"SELECT frame_id, image_score FROM read_parquet('{pattern}')"))
+    assert stored == {result.frame_id: result.image_score for result in results}
+
+    # SIGTERM stops the worker cleanly.
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0, log_tail(worker)
