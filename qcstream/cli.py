@@ -56,7 +56,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from qcstream.models import data as data_io
-    from qcstream.models.detector import DetectorConfig, PatchCoreDetector
+    from qcstream.models.config import DetectorConfig
+    from qcstream.models.detector import PatchCoreDetector
 
     settings = Settings.from_env()
     model_dir = args.model_dir or settings.model_dir
@@ -64,7 +65,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     validation_folder = args.validation or _sibling_validation(Path(args.train_folder))
     validation = [s.image_path for s in data_io.discover(validation_folder, "validation")] if validation_folder else []
 
-    config = DetectorConfig(image_size=args.image_size, layers=args.layers, coreset_ratio=args.coreset_ratio, target_fpr=args.target_fpr)
+    chosen = {"image_size": args.image_size, "layers": args.layers, "coreset_ratio": args.coreset_ratio, "target_fpr": args.target_fpr}
+    config = DetectorConfig(**{name: value for name, value in chosen.items() if value is not None})
     logger.info("Fitting on %d images from %s, calibrating on %d from %s", len(train), args.train_folder, len(validation), validation_folder)
     detector = PatchCoreDetector(config).fit(train, validation)
     detector.save(model_dir)
@@ -166,10 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("train_folder", help="folder of good images, e.g. ../shared/data/mvtec3d_tire/train/good, or a data set root")
     fit.add_argument("--validation", help="held-out good images for the threshold (default: <root>/validation/good when it exists)")
     fit.add_argument("--model-dir", type=Path, help="where to save the model (default: $QCSTREAM_MODEL_DIR)")
-    fit.add_argument("--image-size", type=_pair, default=(224, 224), help="network input size in pixels, N or HxW, multiples of 14 (default: 224)")
-    fit.add_argument("--layers", type=_int_list, default=(7, 11), help="ViT blocks whose features are joined (default: 7,11)")
-    fit.add_argument("--coreset-ratio", type=float, default=0.1, help="fraction of training patches kept in the memory bank (default: 0.1)")
-    fit.add_argument("--target-fpr", type=float, default=0.05, help="false-positive rate on normal validation images that sets the threshold (default: 0.05)")
+    from qcstream.models.config import DetectorConfig
+
+    defaults = DetectorConfig()
+    fit.add_argument("--image-size", type=_pair, help=f"network input size in pixels, N or HxW, multiples of 14 (default: {defaults.image_size[0]}x{defaults.image_size[1]})")
+    fit.add_argument("--layers", type=_int_list, help=f"ViT blocks whose features are joined (default: {','.join(map(str, defaults.layers))})")
+    fit.add_argument("--coreset-ratio", type=float, help=f"fraction of training patches kept in the memory bank (default: {defaults.coreset_ratio})")
+    fit.add_argument("--target-fpr", type=float, help=f"false-positive rate on normal validation images that sets the threshold (default: {defaults.target_fpr})")
     fit.set_defaults(func=cmd_fit)
 
     evaluate = commands.add_parser("evaluate", help="print image AUROC, pixel AUROC and AUPRO on a labelled test folder")

@@ -20,8 +20,6 @@ from qcstream.streams.sink import RecordSink, register_sink_agent
 
 logger = logging.getLogger(__name__)
 
-APP_ID = "qcstream"
-
 
 @dataclasses.dataclass
 class Topics:
@@ -70,13 +68,15 @@ def _declare_topics(app: faust.App, settings: Settings) -> Topics:
 def create_app(settings: Settings, detector: Detector | None = None) -> faust.App:
     """Return the worker's Faust app with its ``inspect`` and ``sink`` agents.
 
-    ``detector`` defaults to the fitted model in ``settings.model_dir``.
+    The app id ``settings.app_id`` is also the Kafka consumer group, so workers with
+    the same id share the partitions. ``detector`` defaults to the fitted model in
+    ``settings.model_dir``.
     """
     if detector is None:
         detector = load_model(settings.model_dir)
 
     app = faust.App(
-        APP_ID,
+        settings.app_id,
         broker=broker_url(settings.kafka_bootstrap),
         store="memory://",
         autodiscover=False,
@@ -93,6 +93,6 @@ def create_app(settings: Settings, detector: Detector | None = None) -> faust.Ap
     register_sink_agent(app, topics, RecordSink(settings), settings)
     logger.info(
         "worker app %s ready: broker %s, model version %s, Parquet under %s",
-        APP_ID, settings.kafka_bootstrap, detector.version, settings.data_dir,
+        settings.app_id, settings.kafka_bootstrap, detector.version, settings.data_dir,
     )
     return app

@@ -91,6 +91,8 @@ class Record:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RecordError(f"{cls.kind} message is not valid JSON: {error}") from error
+        except RecursionError as error:
+            raise RecordError(f"{cls.kind} message is nested too deeply to be a record") from error
         return cls.from_dict(body)
 
 
@@ -166,6 +168,13 @@ class InspectionResult(Record):
     anomaly_map_raw_key: str
     detector_ms: float
     latency_ms: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("captured_at", "inspected_at", "image_score", "threshold", "detector_ms", "latency_ms"):
+            _check_number(name, getattr(self, name))
+        if not isinstance(self.is_defect, bool):
+            raise RecordError(f"invalid is_defect {self.is_defect!r}: expected true or false")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,37 +68,15 @@ def worker_command() -> list[str]:
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes ``Settings.from_env()`` in the worker equal ``settings``."""
+    """Return the environment that makes ``Settings.from_env()`` in the worker equal ``settings``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
-    values = {
-        "HOME": settings.home,
-        "DATA_DIR": settings.data_dir,
-        "MODEL_DIR": settings.model_dir,
-        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "KAFKA_PORT": settings.kafka_port,
-        "KAFKA_CONTROLLER_PORT": settings.kafka_controller_port,
-        "MINIO_ENDPOINT": settings.minio_endpoint,
-        "MINIO_ACCESS_KEY": settings.minio_access_key,
-        "MINIO_SECRET_KEY": settings.minio_secret_key,
-        "MINIO_SECURE": str(settings.minio_secure).lower(),
-        "TOPIC_FRAMES": settings.topic_frames,
-        "TOPIC_RESULTS": settings.topic_results,
-        "TOPIC_DEFECTS": settings.topic_defects,
-        "TOPIC_LABELS": settings.topic_labels,
-        "TOPIC_DEAD_LETTER": settings.topic_dead_letter,
-        "BUCKET_FRAMES": settings.bucket_frames,
-        "BUCKET_MAPS": settings.bucket_maps,
-        "WORKER_WEB_PORT": settings.worker_web_port,
-        "SINK_BATCH_SIZE": settings.sink_batch_size,
-        "SINK_BATCH_SECONDS": settings.sink_batch_seconds,
-    }
-    env.update({ENV_PREFIX + name: str(value) for name, value in values.items()})
+    env.update(settings.to_env())
     return env
 
 
 @pytest.fixture
 def settings(kafka_settings: Settings, fitted_model_dir: Path, tmp_path: Path) -> Settings:
-    """Settings with this test's own topics, buckets, data folder and web port."""
+    """Settings with this test's own consumer group, topics, buckets, data folder and web port."""
     run = uuid.uuid4().hex[:8]
     return dataclasses.replace(
         kafka_settings,
@@ -111,6 +89,7 @@ def settings(kafka_settings: Settings, fitted_model_dir: Path, tmp_path: Path) -
         topic_dead_letter=f"dead-letter-{run}",
         bucket_frames=f"frames-{run}",
         bucket_maps=f"maps-{run}",
+        app_id=f"qcstream-test-{run}",
         worker_web_port=free_port(),
         sink_batch_size=50,
         sink_batch_seconds=1.0,
