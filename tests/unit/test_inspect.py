@@ -185,7 +185,7 @@ def test_deeply_nested_json_dead_lettered(settings):
 
     letter = dead_letter_of(inspector, b"[" * 100_000)
 
-    assert letter.reason.startswith("invalid frame reference: RecursionError")
+    assert "nested too deeply" in letter.reason
 
 
 def test_missing_payload_is_dead_lettered(settings):

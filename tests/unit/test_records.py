@@ -171,11 +171,9 @@ def test_label_needs_a_finite_time():
         Label(frame_id="f-1", line_id="line-1", is_defect=False, labelled_at=float("inf"))
 
 
-def test_result_with_nan_score_cannot_be_encoded():
-    result = InspectionResult(**{**RESULT, "image_score": float("nan")})
-
-    with pytest.raises(ValueError):
-        result.dumps()
+def test_result_with_nan_score_rejected():
+    with pytest.raises(RecordError, match="invalid image_score nan"):
+        InspectionResult(**{**RESULT, "image_score": float("nan")})
 
 
 def test_dead_letter_ids_are_optional_and_kept():
