@@ -27,15 +27,20 @@ from kafka import KafkaAdminClient, KafkaConsumer
 from PIL import Image
 
 from qcstream.settings import ENV_PREFIX, Settings
+from qcstream.storage.queries import defect_rates, rolling_rates
 from qcstream.storage.objects import ObjectStore, frame_payload_key
 from qcstream.streams.labels import LabelPublisher, label_from_mask
 from qcstream.streams.producer import FrameProducer, new_kafka_producer, replay_folder
-from qcstream.streams.records import DeadLetter, FrameRef, InspectionResult
+from qcstream.streams.records import DeadLetter, FrameRef, InspectionResult, Label
 from qcstream.streams.topics import ensure_topics, topic_names
 
 pytestmark = pytest.mark.integration
 
-TIRE_TEST = Path("/work/shared/data/mvtec3d_tire/test")
+TIRE_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "mvtec3d_tire"
+if not TIRE_ROOT.is_dir():
+    pytest.skip(f"real tire frames not found at {TIRE_ROOT}", allow_module_level=True)
+
+TIRE_TEST = TIRE_ROOT / "test"
 #: (defect type, file) of the real frames sent; the painted frame is added to these.
 REAL_FRAMES = [
     ("good", "002.png"),
@@ -319,17 +324,44 @@ def test_frames_flow_from_producer_to_parquet(settings: Settings, worker):
     assert letters["future-1"].original_value == future_value.decode()
     assert worker.poll() is None, log_tail(worker)
 
-    # Labels from the inspection station reach Parquet too.
-    good_frame, cut_frame = list(refs.values())[:2]  # the first two of REAL_FRAMES
+    # An audit station labels every frame: real ones from their masks, the painted one as a defect.
+    frame_list = list(refs.values())
+    labels = {}
     with LabelPublisher(settings) as publisher:
-        publisher.send(label_from_mask(cut_frame.frame_id, cut_frame.line_id, TIRE_TEST / "cut" / "gt" / "000.png", "cut"))
-        publisher.send(label_from_mask(good_frame.frame_id, good_frame.line_id, TIRE_TEST / "good" / "gt" / "002.png"))
+        for (kind, name), ref in zip(REAL_FRAMES, frame_list):
+            label = label_from_mask(ref.frame_id, ref.line_id, TIRE_TEST / kind / "gt" / name, kind)
+            publisher.send(label)
+            labels[ref.frame_id] = label.is_defect
+        painted_ref = frame_list[-1]
+        publisher.send(Label(frame_id=painted_ref.frame_id, line_id=painted_ref.line_id, is_defect=True, labelled_at=time.time(), defect_type="paint"))
+        labels[painted_ref.frame_id] = True
+        publisher.flush()
 
     assert wait_for_parquet(settings, "results", len(refs)) == len(refs), log_tail(worker)
-    assert wait_for_parquet(settings, "labels", 2) == 2, log_tail(worker)
+    assert wait_for_parquet(settings, "labels", len(labels)) == len(labels), log_tail(worker)
     pattern = str(settings.data_dir / "results" / "**" / "*.parquet")
     stored = dict(query(f"SELECT frame_id, image_score FROM read_parquet('{pattern}')"))
     assert stored == {result.frame_id: result.image_score for result in results}
+
+    # DuckDB's per-line rates equal the rates counted here from the same results and labels.
+    predicted = {result.frame_id: result.is_defect for result in results}
+    rates = {row.line_id: row for row in rolling_rates(settings.data_dir)}
+    volumes = {row.line_id: row for row in defect_rates(settings.data_dir)}
+    assert sorted(rates) == ["line-a", "line-b"]
+    for line_id in ("line-a", "line-b"):
+        frames = [ref.frame_id for ref in frame_list if ref.line_id == line_id]
+        defects = [f for f in frames if labels[f]]
+        goods = [f for f in frames if not labels[f]]
+        missed = sum(1 for f in defects if not predicted[f])
+        false_alarms = sum(1 for f in goods if predicted[f])
+        row = rates[line_id]
+        assert (row.n_labelled, row.n_defects, row.n_good) == (len(frames), len(defects), len(goods))
+        assert row.false_negatives == missed
+        assert row.false_positives == false_alarms
+        assert row.fnr == (missed / len(defects) if defects else None)
+        assert row.fpr == (false_alarms / len(goods) if goods else None)
+        assert volumes[line_id].frames_inspected == len(frames)
+        assert volumes[line_id].predicted_defects == sum(predicted[f] for f in frames)
 
     # SIGTERM stops the worker cleanly.
     worker.send_signal(signal.SIGTERM)

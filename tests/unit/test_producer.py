@@ -17,8 +17,8 @@ from qcstream.streams.payload import decode_frame, decode_point_cloud
 from qcstream.streams.producer import FrameProducer, ProducerError, encode_image
 from qcstream.streams.records import FrameRef
 
-TIRE_IMAGE = Path("/work/shared/data/mvtec3d_tire/test/good/rgb/000.png")
-TILE_IMAGE = Path("/work/shared/data/magnetic_tile/train/good/exp1_num_10334.jpg")
+TIRE_IMAGE = Path(__file__).resolve().parents[3].joinpath("shared/data/mvtec3d_tire/test/good/rgb/000.png")
+TILE_IMAGE = Path(__file__).resolve().parents[3].joinpath("shared/data/magnetic_tile/train/good/exp1_num_10334.jpg")
 
 
 class RecordingStore:
