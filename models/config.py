@@ -11,9 +11,9 @@ class DetectorConfig:
 
     backbone: str = "dinov2_vits14"
     #: Network input (height, width) in pixels; multiples of the 14-pixel patch.
-    image_size: tuple[int, int] = (224, 224)
+    image_size: tuple[int, int] = (336, 336)
     #: ViT blocks (0-based) whose patch tokens are joined into the patch feature.
-    layers: tuple[int, ...] = (5, 8)
+    layers: tuple[int, ...] = (5,)
     #: Patch grid (rows, cols) of the memory bank; None keeps the ViT's token grid.
     feature_grid: tuple[int, int] | None = None
     #: Fraction of the training patches kept in the memory bank.

@@ -37,16 +37,22 @@ def greedy_coreset(
         projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         reduced = reduced @ projection
 
+    # Squared distances as |x|^2 + |c|^2 - 2 x.c: one matrix-vector product per step
+    # reads the features once and allocates no (N, C) temporary.
+    squared_norms = (reduced * reduced).sum(dim=1)
+
+    def squared_distances_to(index: int) -> torch.Tensor:
+        return squared_norms + squared_norms[index] - 2.0 * (reduced @ reduced[index])
+
     start = int(torch.randint(n_rows, (1,), generator=generator))
     selected = torch.empty(n_select, dtype=torch.long)
     selected[0] = start
-    min_distances = torch.linalg.vector_norm(reduced - reduced[start], dim=1)
+    min_distances = squared_distances_to(start)
 
     logger.info("Applying coreset subsampling: %d of %d patch features", n_select, n_rows)
     steps = tqdm(range(1, n_select), desc="coreset", unit="pt", disable=not progress, mininterval=1.0)
     for i in steps:
         farthest = int(torch.argmax(min_distances))
         selected[i] = farthest
-        distances = torch.linalg.vector_norm(reduced - reduced[farthest], dim=1)
-        min_distances = torch.minimum(min_distances, distances)
+        torch.minimum(min_distances, squared_distances_to(farthest), out=min_distances)
     return selected
