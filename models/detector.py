@@ -115,9 +115,9 @@ class PatchCoreDetector:
     ) -> "PatchCoreDetector":
         """Build the memory bank from normal ``train_images`` and calibrate the threshold.
 
-        ``validation_images`` are held-out normal frames; without them the threshold
-        is calibrated on the training frames, which sets it too low (they are in the
-        bank), and a warning is logged.
+        ``validation_images`` are held-out normal frames. Without them the threshold
+        is calibrated on the training frames and a warning is logged, because those
+        frames are in the bank and so score too low.
         """
         if len(train_images) == 0:
             raise ValueError("no training images: fit needs at least one normal image")

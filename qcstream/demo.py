@@ -51,9 +51,10 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
         _fit_if_needed(settings, data_root, options.refit)
         _evaluate(settings, data_root)
         worker = _start_worker(settings)
+        streaming_started = time.time()
         frame_ids = _stream_test_frames(settings, data_root)
         _wait_for_results(settings, frame_ids, worker, options.timeout_seconds)
-        _print_report(settings)
+        _print_report(settings, streaming_started)
     finally:
         if worker is not None:
             _stop_worker(worker)
@@ -156,12 +157,15 @@ def _wait_for_results(settings: Settings, frame_ids: set[str], worker: subproces
     raise TimeoutError(f"only {seen} of {len(frame_ids)} frames had results after {timeout_seconds:.0f} s; see {settings.data_dir / 'worker.log'}")
 
 
-def _print_report(settings: Settings) -> None:
+def _print_report(settings: Settings, streaming_started: float) -> None:
+    """Print the report over a window that starts when this run began streaming."""
     from qcstream.storage.report import format_report, quality_report
 
     time.sleep(settings.sink_batch_seconds + 1.0)  # Let the sink write the last labels.
-    print("== Quality report (DuckDB over the Parquet results and labels)", flush=True)
-    print(format_report(quality_report(settings.data_dir, settings, window_seconds=3600.0)), flush=True)
+    window_seconds = time.time() - streaming_started + 1.0
+    print("== Quality report (DuckDB over the Parquet results and labels of this run)", flush=True)
+    print(format_report(quality_report(settings.data_dir, settings, window_seconds=window_seconds)), flush=True)
+    print(f"   Later: `qcstream report --window SECONDS` or `--last N` over everything in {settings.data_dir}", flush=True)
 
 
 def _stop_worker(worker: subprocess.Popen) -> None:

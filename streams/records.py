@@ -1,7 +1,7 @@
 """Typed, versioned message records exchanged on the Kafka topics.
 
 Every record is JSON with a ``schema_version`` field ``"MAJOR.MINOR"``. A reader
-accepts any minor version of the major version it knows (new optional fields are
+accepts any minor version of the major version it reads (new optional fields are
 ignored) and rejects another major version with :class:`RecordError`, which the
 worker turns into a dead-letter record instead of guessing.
 """
@@ -146,7 +146,7 @@ class InspectionResult(Record):
     """The detector's verdict on one frame; published for every frame.
 
     ``image_score`` is the anomaly score (higher is more anomalous) and
-    ``is_defect`` is ``image_score >= threshold``. ``mode`` says which modalities
+    ``is_defect`` is ``image_score >= threshold``. ``mode`` names the modalities that
     scored the frame (``"rgb"``, ``"xyz"`` or ``"rgb+xyz"``).
     """
 
