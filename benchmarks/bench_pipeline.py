@@ -7,7 +7,7 @@ frames, one frame at a time as the worker scores them), the peak resident memory
 a process that loads the model and scores, and end-to-end frames per second through
 producer -> Kafka -> worker -> MinIO and Parquet. Needs the fitted model of
 `qcstream fit` (or `make demo`) in $QCSTREAM_MODEL_DIR; starts the local services
-itself. Appends the results, with the command, machine and date, to the output file.
+itself when they are not running, and stops them again. Appends the results, with the command, machine and date, to the output file.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def measure_pipeline(data_root: Path, frames: int) -> dict:
     from qcstream.storage.queries import connect
     from qcstream.streams.producer import FrameProducer
 
+    was_running = all(item.running for item in services.status().values())
     settings = services.up(Settings.from_env())
+    started_services = not was_running
     suffix = uuid.uuid4().hex[:8]
     settings = dataclasses.replace(
         settings,
@@ -96,6 +98,8 @@ def measure_pipeline(data_root: Path, frames: int) -> dict:
     finally:
         worker.terminate()
         worker.wait(timeout=60)
+        if started_services:
+            services.down(settings)
 
 
 def main() -> None:
@@ -113,12 +117,13 @@ def main() -> None:
     pipeline = measure_pipeline(args.data, args.frames)
     print("pipeline:", pipeline, flush=True)
 
+    config = json.loads((model_dir / "config.json").read_text())["config"]
     command = "python benchmarks/bench_pipeline.py " + " ".join(sys.argv[1:])
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}"
     section = f"""
 ## Detector and pipeline, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
 
-Command: `{command.strip()}`. Machine: {machine}. Model: `{detector['model_version']}`.
+Command: `{command.strip()}`. Machine: {machine}. Model: `{detector['model_version']}` (input {config['image_size'][0]}x{config['image_size'][1]}, ViT blocks {config['layers']}).
 
 | measure | value |
 |---|---|
