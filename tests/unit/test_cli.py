@@ -1,0 +1,86 @@
+"""The qcstream command-line tool, called as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qcstream.cli import build_parser, main
+from qcstream.storage.parquet_sink import ParquetSink
+from qcstream.streams.records import InspectionResult, Label
+
+
+def make_result(frame_id: str, line_id: str, is_defect: bool, captured_at: float) -> InspectionResult:
+    return InspectionResult(
+        frame_id=frame_id, line_id=line_id, camera_id="cam-1", captured_at=captured_at,
+        inspected_at=captured_at + 0.5, image_score=2.0 if is_defect else 1.0, threshold=1.5,
+        is_defect=is_defect, mode="rgb", model_version="m1", maps_bucket="anomaly-maps",
+        anomaly_map_png_key=f"{line_id}/x/{frame_id}.png", anomaly_map_raw_key=f"{line_id}/x/{frame_id}.npz",
+        detector_ms=100.0, latency_ms=500.0,
+    )
+
+
+def test_help_lists_every_subcommand():
+    completed = subprocess.run([sys.executable, "-m", "qcstream.cli", "--help"], capture_output=True, text=True, check=True)
+
+    for name in ("services", "fit", "evaluate", "produce", "worker", "label", "report", "demo"):
+        assert name in completed.stdout
+
+
+def test_parser_rejects_invalid_image_size():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "folder", "--image-size", "big"])
+
+
+def test_report_prints_hand_computed_rates(tmp_path, monkeypatch, capsys):
+    # line-a: defects f1 (caught), f2 (missed); good f3 (flagged), f4, f5 -> FNR 1/2, FPR 1/3.
+    now = time.time()
+    predicted = {"f1": True, "f2": False, "f3": True, "f4": False, "f5": False}
+    truth = {"f1": True, "f2": True, "f3": False, "f4": False, "f5": False}
+    ParquetSink(tmp_path, "results").write_batch([make_result(f, "line-a", p, now - 10) for f, p in predicted.items()])
+    ParquetSink(tmp_path, "labels").write_batch(
+        [Label(frame_id=f, line_id="line-a", is_defect=d, labelled_at=now - 5) for f, d in truth.items()]
+    )
+    monkeypatch.setenv("QCSTREAM_DATA_DIR", str(tmp_path))
+
+    assert main(["report"]) == 0
+
+    output = capsys.readouterr().out
+    row = next(line for line in output.splitlines() if line.startswith("line-a"))
+    assert "1/2" in row
+    assert "50.0%" in row
+    assert "1/3" in row
+    assert "33.3%" in row
+    assert "40.0%" in row  # defect rate: 2 of 5 frames flagged
+
+
+def test_fit_then_evaluate_json(tire_root, tmp_path, capsys):
+    # A folder of 12 good images, linked from the training split, keeps the fit short.
+    train = tmp_path / "good"
+    train.mkdir()
+    for image in sorted((tire_root / "train" / "good" / "rgb").glob("*.png"))[:12]:
+        (train / image.name).symlink_to(image)
+    model_dir = tmp_path / "model"
+
+    assert main(["fit", str(train), "--model-dir", str(model_dir), "--image-size", "224"]) == 0
+    assert (model_dir / "config.json").is_file()
+    assert "saved to" in capsys.readouterr().out
+
+    metrics_file = tmp_path / "metrics.json"
+    assert main(["evaluate", str(tire_root), "--model-dir", str(model_dir), "--json", str(metrics_file)]) == 0
+
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["n_images"] == 58
+    assert 0.0 <= metrics["image_auroc"] <= 1.0
+    assert 0.5 < metrics["pixel_auroc"] <= 1.0
+    assert "image AUROC" in capsys.readouterr().out
+
+
+def test_missing_model_reports_fix(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path), "--model-dir", str(tmp_path / "none")]) == 1
+
+    assert "qcstream fit" in capsys.readouterr().err
