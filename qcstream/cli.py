@@ -65,7 +65,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     validation_folder = args.validation or _sibling_validation(Path(args.train_folder))
     validation = [s.image_path for s in data_io.discover(validation_folder, "validation")] if validation_folder else []
 
-    chosen = {"image_size": args.image_size, "layers": args.layers, "coreset_ratio": args.coreset_ratio, "target_fpr": args.target_fpr}
+    chosen = {
+        "backbone": args.backbone,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "image_size": args.image_size,
+        "layers": args.layers,
+        "coreset_ratio": args.coreset_ratio,
+        "target_fpr": args.target_fpr,
+    }
     config = DetectorConfig(**{name: value for name, value in chosen.items() if value is not None})
     logger.info("Fitting on %d images from %s, calibrating on %d from %s", len(train), args.train_folder, len(validation), validation_folder)
     detector = PatchCoreDetector(config).fit(train, validation)
@@ -85,15 +92,35 @@ def _sibling_validation(train_folder: Path) -> Path | None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from qcstream.models.detector import load_detector
-    from qcstream.models.evaluate import evaluate
+    from qcstream.models.evaluate import score_test_set, summarize_for
 
     settings = Settings.from_env()
     detector = load_detector(args.model_dir or settings.model_dir)
-    result = evaluate(detector, args.test_folder)
+    scored = score_test_set(detector, args.test_folder)
+    result = summarize_for(detector, scored)
     print(result.format())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
         print(f"Metrics written to {args.json}")
+    if args.report:
+        from qcstream.models.evaluation_report import write_report
+
+        index = write_report(args.report, result, scored, detector.score_range)
+        print(f"Report written to {index}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from qcstream.models.calibration import recalibrate
+    from qcstream.models.detector import load_detector
+
+    model_dir = args.model_dir or Settings.from_env().model_dir
+    detector = load_detector(model_dir)
+    result = recalibrate(detector, args.folder, target_fpr=args.target_fpr, target_fnr=args.target_fnr)
+    detector.save(model_dir)
+    print(result.format())
+    print(f"Model {result.version} saved to {model_dir}")
     return 0
 
 
@@ -168,10 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("train_folder", help="folder of good images, e.g. ../shared/data/mvtec3d_tire/train/good, or a data set root")
     fit.add_argument("--validation", help="held-out good images for the threshold (default: <root>/validation/good when it exists)")
     fit.add_argument("--model-dir", type=Path, help="where to save the model (default: $QCSTREAM_MODEL_DIR)")
-    from qcstream.models.config import DetectorConfig
+    from qcstream.models.config import BACKBONES, DetectorConfig
 
     defaults = DetectorConfig()
-    fit.add_argument("--image-size", type=_pair, help=f"network input size in pixels, N or HxW, multiples of 14 (default: {defaults.image_size[0]}x{defaults.image_size[1]})")
+    fit.add_argument("--backbone", choices=list(BACKBONES), help=f"feature network (default: {defaults.backbone}); vit_checkpoint needs --checkpoint")
+    fit.add_argument("--checkpoint", type=Path, help="official DINO or DINOv2 .pth file for --backbone vit_checkpoint, e.g. dino_vitbase8_pretrain.pth")
+    fit.add_argument("--image-size", type=_pair, help=f"network input size in pixels, N or HxW, multiples of the ViT patch size (14 for dinov2_vits14) (default: {defaults.image_size[0]}x{defaults.image_size[1]})")
     fit.add_argument("--layers", type=_int_list, help=f"ViT blocks whose features are joined (default: {','.join(map(str, defaults.layers))})")
     fit.add_argument("--coreset-ratio", type=float, help=f"fraction of training patches kept in the memory bank (default: {defaults.coreset_ratio})")
     fit.add_argument("--target-fpr", type=float, help=f"false-positive rate on normal validation images that sets the threshold (default: {defaults.target_fpr})")
@@ -181,7 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("test_folder", help="data set root or its test folder")
     evaluate.add_argument("--model-dir", type=Path, help="model to evaluate (default: $QCSTREAM_MODEL_DIR)")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--report", type=Path, help="also write an HTML report (index.html, curves, overlays) into this folder")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    calibrate = commands.add_parser("calibrate", help="set the model's threshold for a target FPR or FNR and save it")
+    target = calibrate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-fpr", type=float, help="false-positive rate on the folder's good images (its validation split for a data set root)")
+    target.add_argument("--target-fnr", type=float, help="false-negative rate on the folder's defective images (its test split for a data set root)")
+    calibrate.add_argument("folder", help="good images for --target-fpr; a labelled folder in MVTec layout for --target-fnr")
+    calibrate.add_argument("--model-dir", type=Path, help="model to recalibrate and overwrite (default: $QCSTREAM_MODEL_DIR)")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     produce = commands.add_parser("produce", help="send images as camera frames (a camera station)")
     produce.add_argument("images", nargs="+", help="image files or folders of images")

@@ -27,7 +27,7 @@ def make_result(frame_id: str, line_id: str, is_defect: bool, captured_at: float
 def test_help_lists_every_subcommand():
     completed = subprocess.run([sys.executable, "-m", "qcstream.cli", "--help"], capture_output=True, text=True, check=True)
 
-    for name in ("services", "fit", "evaluate", "produce", "worker", "label", "report", "demo"):
+    for name in ("services", "fit", "evaluate", "calibrate", "produce", "worker", "label", "report", "demo"):
         assert name in completed.stdout
 
 

@@ -14,6 +14,7 @@ from qcstream.models.metrics import (
     pro_curve,
     rates_at_threshold,
     roc_curve_points,
+    threshold_for_fnr,
     threshold_for_fpr,
 )
 
@@ -295,3 +296,40 @@ def test_threshold_for_zero_fpr() -> None:
         threshold_for_fpr(normal, 1.5)
     with pytest.raises(MetricError, match="empty"):
         threshold_for_fpr(np.array([]), 0.1)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        # Defect scores 0.1, 0.2, 0.2, 0.4, 0.8 (n = 5), and the fraction < t is
+        # t=0.1: 0/5, t=0.2: 1/5, t=0.4: 3/5, t=0.8: 4/5
+        (0.0, 0.1),
+        (0.2, 0.2),
+        (0.6, 0.4),
+        (0.79, 0.4),
+        (0.8, 0.8),
+        (0.99, 0.8),
+        # Tie: 0.5 allows 2.5 misses, but moving past the tie at 0.2 misses 3,
+        # so the threshold stays at 0.2 (1/5 missed).
+        (0.5, 0.2),
+        (0.3, 0.2),
+    ],
+)
+def test_threshold_for_fnr_hand_computed(target: float, expected: float) -> None:
+    defects = np.array([0.4, 0.2, 0.8, 0.1, 0.2])
+
+    threshold = threshold_for_fnr(defects, target)
+
+    assert threshold == expected
+    assert np.mean(defects < threshold) <= target
+
+
+def test_threshold_for_fnr_errors() -> None:
+    with pytest.raises(MetricError, match="target_fnr"):
+        threshold_for_fnr(np.array([0.1, 0.2]), 1.0)
+    with pytest.raises(MetricError, match="target_fnr"):
+        threshold_for_fnr(np.array([0.1, 0.2]), -0.1)
+    with pytest.raises(MetricError, match="empty"):
+        threshold_for_fnr(np.array([]), 0.1)
+    with pytest.raises(MetricError, match="NaN"):
+        threshold_for_fnr(np.array([0.1, np.nan]), 0.1)
