@@ -87,7 +87,7 @@ def discover(root: str | Path, split: str | None = None) -> list[Sample]:
 
     defective = sum(sample.label for sample in samples)
     logger.info(
-        "discovered %d samples (%d defective, %d good) in %d type folders under %s",
+        "discovered %d samples (%d defective, %d good) in %d type folder(s) under %s",
         len(samples), defective, len(samples) - defective, len(type_folders), root,
     )
     return samples

@@ -133,8 +133,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
     images: list[Path] = []
     for item in args.images:
         path = Path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"image or folder {path} not found: pass image files or folders of images")
         images.extend([path] if path.is_file() else [s.image_path for s in discover(path, "test")])
     refs = replay_folder(Settings.from_env(), images, line_id=args.line, camera_id=args.camera, interval_s=args.interval)
+    print("frame_id\tline_id\tcamera_id\tpayload")
     for ref in refs:
         print(f"{ref.frame_id}\t{ref.line_id}\t{ref.camera_id}\t{ref.payload_bucket}/{ref.payload_key}")
     return 0

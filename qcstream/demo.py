@@ -50,6 +50,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     try:
         _fit_if_needed(settings, data_root, options.refit)
         _evaluate(settings, data_root)
+        _prepare_streams(settings)
         worker = _start_worker(settings)
         streaming_started = time.time()
         frame_ids = _stream_test_frames(settings, data_root)
@@ -86,6 +87,15 @@ def _evaluate(settings: Settings, data_root: Path) -> None:
     print(f"== Evaluating the detector on {data_root}/test", flush=True)
     result = evaluate(load_detector(settings.model_dir), data_root)
     print(result.format(), flush=True)
+
+
+def _prepare_streams(settings: Settings) -> None:
+    """Create the topics and buckets before anything produces, so no client races their creation."""
+    from qcstream.storage.objects import ObjectStore
+    from qcstream.streams.topics import ensure_topics
+
+    ensure_topics(settings)
+    ObjectStore(settings).ensure_buckets(settings.bucket_frames, settings.bucket_maps)
 
 
 def _start_worker(settings: Settings) -> subprocess.Popen:

@@ -224,7 +224,7 @@ def _create_view(
     if any(folder.rglob("*.parquet")):
         source = READ_PARQUET_SQL.format(glob=_parquet_glob(folder))
     else:
-        logger.info("no %s Parquet files under %s yet; the %s view is empty", kind, folder, kind)
+        logger.debug("no %s Parquet files under %s yet; the %s view is empty", kind, folder, kind)
         empty_name = f"empty_{kind}"
         connection.register(empty_name, schema.empty_table())
         source = empty_name

@@ -46,10 +46,55 @@ def live_services() -> Settings:
 
 
 @pytest.fixture(scope="session")
-def kafka_settings(live_services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def cleanup_streams(live_services: Settings):
+    """Return a function that registers test settings whose topics and buckets are deleted at the end.
+
+    Tests use the user's local services, so they remove what they created.
+    """
+    registered: list[Settings] = []
+    yield registered.append
+    for settings in registered:
+        _delete_topics_and_buckets(settings)
+
+
+def _delete_topics_and_buckets(settings: Settings) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+    from minio.deleteobjects import DeleteObject
+    from minio.error import S3Error
+
+    from qcstream.storage.objects import ObjectStore
+    from qcstream.streams.topics import topic_names
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap.split(","))
+    try:
+        existing = set(admin.list_topics())
+        doomed = [name for name in topic_names(settings) if name in existing]
+        if doomed:
+            admin.delete_topics(doomed)
+    except KafkaError as error:
+        print(f"could not delete test topics: {error}")
+    finally:
+        admin.close()
+
+    client = ObjectStore(settings).client
+    for bucket in (settings.bucket_frames, settings.bucket_maps):
+        try:
+            if not client.bucket_exists(bucket):
+                continue
+            objects = [DeleteObject(item.object_name) for item in client.list_objects(bucket, recursive=True)]
+            for error in client.remove_objects(bucket, objects):
+                print(f"could not delete {bucket}/{error.name}: {error}")
+            client.remove_bucket(bucket)
+        except S3Error as error:
+            print(f"could not delete test bucket {bucket}: {error}")
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(live_services: Settings, cleanup_streams, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """Settings for the running services with topics, buckets and data folder unique to this session."""
     suffix = uuid.uuid4().hex[:8]
-    return dataclasses.replace(
+    settings = dataclasses.replace(
         live_services,
         data_dir=tmp_path_factory.mktemp("qcstream-data"),
         topic_frames=f"frames-{suffix}",
@@ -62,6 +107,8 @@ def kafka_settings(live_services: Settings, tmp_path_factory: pytest.TempPathFac
         app_id=f"qcstream-test-{suffix}",
         worker_web_port=_free_port(),
     )
+    cleanup_streams(settings)
+    return settings
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import subprocess
 import time
@@ -75,6 +76,7 @@ def build(settings: Settings) -> None:
         return
 
     go = require_tool("go")
+    _check_go_version(go)
     target = bin_dir(settings)
     target.mkdir(parents=True, exist_ok=True)
     build_log = target.parent / "build.log"
@@ -249,3 +251,23 @@ def current_pid(run_root: Path, *, remove_stale: bool = True) -> int | None:
 
 def stop(run_root: Path) -> bool:
     return stop_process(pid_path(run_root), marker(run_root), name="MinIO")
+
+
+#: Oldest Go that builds the pinned MinIO (the ``go`` line of its go.mod is 1.24.0).
+MIN_GO_VERSION = (1, 24)
+
+
+def _check_go_version(go: str) -> None:
+    """Raise :class:`ServiceError` when ``go`` is older than :data:`MIN_GO_VERSION`."""
+    output = subprocess.run([go, "version"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"go(\d+)\.(\d+)", output)
+    if match is None:
+        logger.warning("could not read the Go version from %r; trying the build anyway", output.strip())
+        return
+    found = (int(match.group(1)), int(match.group(2)))
+    if found < MIN_GO_VERSION:
+        raise ServiceError(
+            f"Go {found[0]}.{found[1]} at {go} is too old to build MinIO: it needs Go "
+            f"{MIN_GO_VERSION[0]}.{MIN_GO_VERSION[1]} or newer (Debian 12's golang package is 1.19). "
+            "Install Go 1.24 or newer and put its bin folder first on PATH"
+        )

@@ -80,10 +80,10 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
-def settings(kafka_settings: Settings, fitted_model_dir: Path, tmp_path: Path) -> Settings:
+def settings(kafka_settings: Settings, fitted_model_dir: Path, tmp_path: Path, cleanup_streams) -> Settings:
     """Settings with this test's own consumer group, topics, buckets, data folder and web port."""
     run = uuid.uuid4().hex[:8]
-    return dataclasses.replace(
+    settings = dataclasses.replace(
         kafka_settings,
         data_dir=tmp_path / "data",
         model_dir=Path(fitted_model_dir),
@@ -99,6 +99,8 @@ def settings(kafka_settings: Settings, fitted_model_dir: Path, tmp_path: Path) -
         sink_batch_size=50,
         sink_batch_seconds=1.0,
     )
+    cleanup_streams(settings)
+    return settings
 
 
 @pytest.fixture

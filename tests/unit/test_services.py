@@ -416,3 +416,24 @@ def test_same_minio_api_and_console_port_rejected(env_settings) -> None:
 
     with pytest.raises(process.ServiceError, match="both use port 19000"):
         minio.check_ports(settings)
+
+
+def _fake_go(tmp_path, version_line: str) -> str:
+    script = tmp_path / "go"
+    script.write_text(f"#!/bin/sh\necho '{version_line}'\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_old_go_rejected_with_version(tmp_path):
+    from qcstream.services.minio import _check_go_version
+    from qcstream.services.process import ServiceError
+
+    with pytest.raises(ServiceError, match="Go 1.19 .* needs Go 1.24 or newer"):
+        _check_go_version(_fake_go(tmp_path, "go version go1.19.8 linux/amd64"))
+
+
+def test_recent_go_accepted(tmp_path):
+    from qcstream.services.minio import _check_go_version
+
+    _check_go_version(_fake_go(tmp_path, "go version go1.26.8 linux/amd64"))
