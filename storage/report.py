@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qcstream.settings import Settings
-from qcstream.storage.objects import anomaly_map_prefix, object_url, s3_uri
+from qcstream.storage.objects import anomaly_map_prefix, s3_uri
 from qcstream.storage.queries import (
     LineDefectRate,
     LineLatency,
@@ -46,8 +46,6 @@ class LineReport:
     detector_p95_ms: float | None
     #: ``s3://<bucket>/<line_id>/``, under which the line's anomaly maps lie.
     maps_uri: str
-    #: The same prefix as an HTTP address on the configured MinIO.
-    maps_url: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +57,12 @@ class QualityReport:
     last_n: int | None
     maps_bucket: str
     lines: list[LineReport]
+    #: Addresses for fetching maps: the MinIO API and its web console (bound to 127.0.0.1 by
+    #: ``qcstream services up``). Then the login name and the file containing the local secret key.
+    minio_url: str
+    console_url: str
+    minio_access_key: str
+    secret_file: Path
 
     @property
     def frames_inspected(self) -> int:
@@ -109,6 +113,10 @@ def quality_report(
         last_n=last_n,
         maps_bucket=settings.bucket_maps,
         lines=lines,
+        minio_url=f"{'https' if settings.minio_secure else 'http'}://{settings.minio_endpoint}",
+        console_url=f"http://127.0.0.1:{settings.minio_console_port}",
+        minio_access_key=settings.minio_access_key,
+        secret_file=settings.minio_secret_file,
     )
 
 
@@ -138,12 +146,21 @@ def _line_report(
         detector_p50_ms=latency.detector_p50_ms if latency else None,
         detector_p95_ms=latency.detector_p95_ms if latency else None,
         maps_uri=s3_uri(settings.bucket_maps, prefix),
-        maps_url=object_url(settings, settings.bucket_maps, prefix),
     )
 
 
+#: Column meanings, printed under the table.
+LEGEND = [
+    ("defect rate", "share of inspected frames the detector flagged as defective (not the true defect rate)"),
+    ("FNR", "false-negative rate: labelled defects passed as good / labelled defects (FN/defects)"),
+    ("FPR", "false-positive rate: labelled good parts flagged / labelled good parts (FP/good)"),
+    ("p50/p95 ms", "latency from capture to result, including queueing in Kafka: median / 95th percentile"),
+    ("detector p50/p95 ms", "model time per frame: median / 95th percentile"),
+]
+
+
 def format_report(report: QualityReport) -> str:
-    """Render the report as a header, a fixed-width table and the anomaly map locations."""
+    """Render the report as a header, a fixed-width table, a legend and where the anomaly maps are."""
     header = [
         "line", "frames", "defect rate", "labelled", "FN/defects", "FNR", "FP/good", "FPR",
         "p50 ms", "p95 ms", "detector p50 ms", "detector p95 ms",
@@ -175,10 +192,32 @@ def format_report(report: QualityReport) -> str:
         output.append("(no results or labels in this window)")
 
     output.append("")
-    output.append(f"Anomaly maps (bucket {report.maps_bucket}):")
-    line_width = max((len(line.line_id) for line in report.lines), default=0)
-    output.extend(f"  {line.line_id:<{line_width}}  {line.maps_uri}  {line.maps_url}" for line in report.lines)
+    output.append("Columns:")
+    term_width = max(len(term) for term, _ in LEGEND)
+    output.extend(f"  {term:<{term_width}}  {meaning}" for term, meaning in LEGEND)
+
+    output.append("")
+    output.extend(_maps_section(report))
     return "\n".join(output)
+
+
+def _maps_section(report: QualityReport) -> list[str]:
+    """Return the lines naming each line's anomaly map prefix and how to open a map in the private bucket."""
+    bucket = report.maps_bucket
+    lines = [f"Anomaly maps (bucket {bucket} is private: plain HTTP links return AccessDenied):"]
+    line_width = max((len(line.line_id) for line in report.lines), default=0)
+    lines.extend(f"  {line.line_id:<{line_width}}  {line.maps_uri}" for line in report.lines)
+    lines.extend(
+        [
+            f"  Browse: MinIO console {report.console_url} (local services only), sign in as "
+            f"{report.minio_access_key!r} with the secret key from $QCSTREAM_MINIO_SECRET_KEY or {report.secret_file}",
+            f"  Fetch one map with the MinIO client: mc alias set qcstream {report.minio_url} "
+            f"{report.minio_access_key} <secret key>",
+            f"    then: mc cp qcstream/{bucket}/<line>/<YYYY-MM-DD>/<frame id>.png .",
+            "  The worker logs each frame's overlay key; <frame id>.npz next to it holds the raw scores.",
+        ]
+    )
+    return lines
 
 
 def _header(report: QualityReport) -> str:
@@ -186,7 +225,7 @@ def _header(report: QualityReport) -> str:
     totals = report.totals
     if report.window_seconds is not None:
         start = window_start(report.window_seconds, report.generated_at)
-        window = f"window: last {report.window_seconds:g} s (frames captured since {_utc(start)})"
+        window = f"window: last {_duration(report.window_seconds)} (frames captured since {_utc(start)})"
     elif report.last_n is not None:
         window = f"window: last {report.last_n} labelled frames per line for FN/FP, all frames otherwise"
     else:
@@ -198,6 +237,23 @@ def _header(report: QualityReport) -> str:
         f"FNR {_percent(totals.fnr)} ({totals.false_negatives}/{totals.n_defects}), "
         f"FPR {_percent(totals.fpr)} ({totals.false_positives}/{totals.n_good})"
     )
+
+
+_UNITS = [(86400, "d"), (3600, "h"), (60, "min")]
+
+
+def _duration(seconds: float) -> str:
+    """Return a window length for people: ``80 s``, ``90 min``, ``1 h``, ``16.7 min``, ``2 d``."""
+    rounded = round(seconds)
+    if rounded < 1:
+        return f"{seconds:.2g} s"
+    for size, name in _UNITS:
+        if rounded >= size and rounded % size == 0:
+            return f"{rounded // size} {name}"
+    if rounded < 600:
+        return f"{rounded} s"
+    size, name = next((size, name) for size, name in _UNITS if rounded >= size)
+    return f"{rounded / size:.1f} {name}"
 
 
 def _table_row(cells: list[str], widths: list[int]) -> str:

@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,6 +85,20 @@ def encode_raw_map(anomaly_map: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def overlay_caption(frame: FrameRef | InspectionResult, score: float, threshold: float, is_defect: bool) -> str:
+    """Return the caption printed under a frame's overlay: verdict, score, line, camera, frame, time.
+
+    For example ``DEFECT  score 27.3 >= threshold 21.9 | line-1 cam-a | frame f-7 | 2026-12-04 21:16:02 UTC``.
+    """
+    verdict = "DEFECT" if is_defect else "GOOD"
+    relation = ">=" if score >= threshold else "<"
+    captured = datetime.fromtimestamp(frame.captured_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (
+        f"{verdict}  score {score:.4g} {relation} threshold {threshold:.4g} | "
+        f"{frame.line_id} {frame.camera_id} | frame {frame.frame_id} | {captured}"
+    )
+
+
 class FrameInspector:
     """Scores frames with a detector and stores their anomaly maps."""
 
@@ -128,10 +143,11 @@ class FrameInspector:
             reason = f"unexpected error: {type(error).__name__}: {error}"
             return Outcome(dead_letter=dead_letter(topic, reason, key, value))
 
-        logger.debug(
-            "frame %s of line %s camera %s: score %.4f threshold %.4f defect %s model %s",
-            ref.frame_id, ref.line_id, ref.camera_id,
-            result.image_score, result.threshold, result.is_defect, result.model_version,
+        logger.info(
+            "frame %s line %s camera %s: score %.4f threshold %.4f %s, detector %.1f ms, model %s, overlay s3://%s/%s",
+            ref.frame_id, ref.line_id, ref.camera_id, result.image_score, result.threshold,
+            "DEFECT" if result.is_defect else "GOOD", result.detector_ms, result.model_version,
+            result.maps_bucket, result.anomaly_map_png_key,
         )
         return Outcome(result=result)
 
@@ -180,7 +196,12 @@ class FrameInspector:
         vmin, vmax = self.detector.score_range
         png_key, raw_key = anomaly_map_keys(ref.line_id, ref.captured_at, ref.frame_id)
         bucket = self.settings.bucket_maps
-        self.store.put_bytes(bucket, png_key, render_overlay(rgb, prediction.anomaly_map, vmin, vmax), "image/png")
+        is_defect = bool(prediction.is_defect)
+        overlay = render_overlay(
+            rgb, prediction.anomaly_map, vmin, vmax,
+            threshold=threshold, caption=overlay_caption(ref, score, threshold, is_defect),
+        )
+        self.store.put_bytes(bucket, png_key, overlay, "image/png")
         self.store.put_bytes(bucket, raw_key, encode_raw_map(prediction.anomaly_map))
 
         inspected_at = time.time()
@@ -192,7 +213,7 @@ class FrameInspector:
             inspected_at=inspected_at,
             image_score=score,
             threshold=threshold,
-            is_defect=bool(prediction.is_defect),
+            is_defect=is_defect,
             mode=str(prediction.mode),
             model_version=str(self.detector.version),
             maps_bucket=bucket,

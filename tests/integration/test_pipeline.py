@@ -26,9 +26,11 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
 from PIL import Image
 
+from qcstream.models.overlay import caption_band_height
 from qcstream.settings import ENV_PREFIX, Settings
 from qcstream.storage.queries import defect_rates, rolling_rates
 from qcstream.storage.objects import ObjectStore, frame_payload_key
+from qcstream.streams.inspect import overlay_caption
 from qcstream.streams.labels import LabelPublisher, label_from_mask
 from qcstream.streams.producer import FrameProducer, new_kafka_producer, replay_folder
 from qcstream.streams.records import DeadLetter, FrameRef, InspectionResult, Label
@@ -301,12 +303,16 @@ def test_frames_flow_from_producer_to_parquet(settings: Settings, worker):
         assert (result.line_id, result.camera_id, result.captured_at) == (ref.line_id, ref.camera_id, ref.captured_at)
         assert result.latency_ms == pytest.approx((result.inspected_at - ref.captured_at) * 1000.0)
 
-    # Both maps of every frame are in MinIO, at the frame's size.
+    # Both maps of every frame are in MinIO: the raw map at the frame's size, the overlay
+    # as wide as the frame and taller by the band that contains the frame's caption.
     store = ObjectStore(settings)
     for result in results:
         png = store.get_bytes(result.maps_bucket, result.anomaly_map_png_key)
+        caption = overlay_caption(result, result.image_score, result.threshold, result.is_defect)
+        band = caption_band_height(300, 400, caption)
+        assert band > 0
         with Image.open(io.BytesIO(png)) as overlay:
-            assert (overlay.format, overlay.size) == ("PNG", (300, 400))
+            assert (overlay.format, overlay.size) == ("PNG", (300, 400 + band))
         with np.load(io.BytesIO(store.get_bytes(result.maps_bucket, result.anomaly_map_raw_key))) as archive:
             raw = archive["anomaly_map"]
         assert raw.shape == (400, 300)

@@ -250,7 +250,7 @@ def test_latency_percentiles(data_root):
 
 
 def test_queries_without_files_return_empty(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="qcstream.storage.queries"):
+    with caplog.at_level(logging.DEBUG, logger="qcstream.storage.queries"):
         assert rolling_rates(tmp_path, window_seconds=HOUR, now=NOW) == []
         assert defect_rates(tmp_path) == []
         assert latency_percentiles(tmp_path) == []
@@ -309,7 +309,8 @@ def test_quality_report_per_line(data_root):
     assert lines["A"].latency_p50_ms == pytest.approx(100.0)
     assert lines["B"].fnr is None
     assert lines["A"].maps_uri == "s3://anomaly-maps/A/"
-    assert lines["A"].maps_url == "http://127.0.0.1:9000/anomaly-maps/A/"
+    assert report.minio_url == "http://127.0.0.1:9000"
+    assert report.console_url == "http://127.0.0.1:9001"
     assert report.frames_inspected == 10
     assert report.totals.fpr == pytest.approx(2 / 6)
 
@@ -333,7 +334,7 @@ def test_format_report_table(data_root):
     lines = text.splitlines()
 
     window, totals = lines[0], lines[1]
-    assert "window: last 3600 s" in window
+    assert "window: last 1 h" in window
     assert "2023-11-16 01:00:00 UTC" in window
     assert "10 frames inspected" in totals
     assert "FNR 33.3% (1/3)" in totals
@@ -345,7 +346,36 @@ def test_format_report_table(data_root):
     assert row_a[:8] == ["A", "8", "50.0%", "7", "1/3", "33.3%", "1/4", "25.0%"]
     row_b = table[3].split()
     assert row_b[4:6] == ["0/0", "n/a"]
-    assert "  A  s3://anomaly-maps/A/  http://127.0.0.1:9000/anomaly-maps/A/" in lines
+    assert "  A  s3://anomaly-maps/A/" in lines
+    assert "  B  s3://anomaly-maps/B/" in lines
+    assert "http://127.0.0.1:9000/anomaly-maps" not in text  # the private bucket returns AccessDenied
+    assert "bucket anomaly-maps is private" in text
+    assert "MinIO console http://127.0.0.1:9001" in text
+    assert "mc alias set qcstream http://127.0.0.1:9000 qcstream <secret key>" in text
+    assert "mc cp qcstream/anomaly-maps/<line>/<YYYY-MM-DD>/<frame id>.png ." in text
+    assert "/nonexistent/home/minio/secret-key" in text
+    assert "not-a-real-secret" not in text
+
+
+def test_format_report_legend(data_root):
+    text = format_report(quality_report(data_root, make_settings(), window_seconds=HOUR, now=NOW))
+
+    legend = {line.split("  ")[1]: line for line in text.splitlines() if line.startswith("  ") and "  " in line[2:]}
+    assert "share of inspected frames the detector flagged" in legend["defect rate"]
+    assert "labelled defects passed as good / labelled defects" in legend["FNR"]
+    assert "labelled good parts flagged / labelled good parts" in legend["FPR"]
+    assert "capture to result, including queueing in Kafka" in legend["p50/p95 ms"]
+    assert "model time per frame" in legend["detector p50/p95 ms"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(80.2681, "last 80 s"), (HOUR, "last 1 h"), (1.5 * HOUR, "last 90 min"), (3725.0, "last 1.0 h"), (2 * 86400.0, "last 2 d")],
+)
+def test_format_report_rounds_the_window(tmp_path, seconds, shown):
+    text = format_report(quality_report(tmp_path, make_settings(), window_seconds=seconds, now=NOW))
+
+    assert f"window: {shown} (frames captured since " in text
 
 
 def test_format_report_without_data(tmp_path):
