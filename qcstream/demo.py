@@ -60,7 +60,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
         if worker is not None:
             _stop_worker(worker)
         if not options.keep_services:
-            print("== Stopping local Kafka and MinIO", flush=True)
+            print("== Stopping local Kafka and MinIO (pass --keep-services to browse the maps afterwards)", flush=True)
             services.down(settings)
     return 0
 
