@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcstream.models.features import IMAGENET_MEAN, IMAGENET_STD
+from qcstream.models.features import IMAGENET_MEAN, IMAGENET_STD, pool_and_join
 
 logger = logging.getLogger(__name__)
 
@@ -230,10 +230,4 @@ class EfficientNetFeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.input_scale + self.input_shift
         maps = self.backbone.forward_stages(x, self.stages)
-        pooled = []
-        for feature_map in maps:
-            feature_map = F.avg_pool2d(feature_map, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-            if tuple(feature_map.shape[-2:]) != self.feature_grid:
-                feature_map = F.interpolate(feature_map, size=self.feature_grid, mode="bilinear", align_corners=False)
-            pooled.append(feature_map)
-        return torch.cat(pooled, dim=1)
+        return pool_and_join(maps, self.feature_grid)

@@ -48,10 +48,18 @@ class PatchFeatureExtractor(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grids = self.backbone.forward_intermediates(x, list(self.layers))
-        pooled = []
-        for grid in grids:
-            grid = F.avg_pool2d(grid, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-            if tuple(grid.shape[-2:]) != self.feature_grid:
-                grid = F.interpolate(grid, size=self.feature_grid, mode="bilinear", align_corners=False)
-            pooled.append(grid)
-        return torch.cat(pooled, dim=1)
+        return pool_and_join(grids, self.feature_grid)
+
+
+def pool_and_join(feature_maps: list[torch.Tensor], feature_grid: tuple[int, int]) -> torch.Tensor:
+    """Smooth each ``(B, C_i, h_i, w_i)`` map by a 3x3 average, resize it to ``feature_grid``, and concatenate.
+
+    Returns ``(B, sum C_i, *feature_grid)``: the locally aware patch features of PatchCore.
+    """
+    pooled = []
+    for feature_map in feature_maps:
+        feature_map = F.avg_pool2d(feature_map, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        if tuple(feature_map.shape[-2:]) != tuple(feature_grid):
+            feature_map = F.interpolate(feature_map, size=tuple(feature_grid), mode="bilinear", align_corners=False)
+        pooled.append(feature_map)
+    return torch.cat(pooled, dim=1)
