@@ -182,34 +182,19 @@ def load_mask(path: str | Path | None, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def load_xyz(path: str | Path) -> np.ndarray:
-    """Read an MVTec 3D-AD organized point cloud as ``(H, W, 3)`` float32 x, y, z."""
+    """Read an MVTec 3D-AD organized point cloud as ``(H, W, 3)`` float32 x, y, z.
+
+    See :func:`qcstream.models.point_clouds.read_organized_cloud`, which this calls.
+    """
     try:
-        import tifffile  # Only the worker install has it; images load without it.
+        import tifffile  # noqa: F401 - checked here for a clear message; point_clouds reads with it.
     except ImportError as exc:
         raise DataError(
-            "reading point clouds needs tifffile, which is missing; "
-            "install the worker extras: pip install 'qcstream[worker]'"
+            "reading point clouds needs tifffile, which is missing; install it: pip install tifffile"
         ) from exc
+    from qcstream.models.point_clouds import read_organized_cloud
 
-    path = Path(path)
-    try:
-        xyz = tifffile.imread(path)
-    except FileNotFoundError as exc:
-        raise DataError(
-            f"point cloud {path} not found; check the path or run discover() again"
-        ) from exc
-    except (OSError, ValueError, IndexError, KeyError) as exc:
-        raise DataError(
-            f"cannot read point cloud {path}: {exc}. The file is damaged or not a TIFF; "
-            "replace it from the original data set or remove it"
-        ) from exc
-
-    if xyz.ndim != 3 or xyz.shape[2] != 3:
-        raise DataError(
-            f"point cloud {path} has shape {xyz.shape}; expected (H, W, 3) with x, y, z per pixel "
-            "as in MVTec 3D-AD"
-        )
-    return xyz.astype(np.float32, copy=False)
+    return read_organized_cloud(path)
 
 
 def _resolve_type_folders(root: Path, split: str | None) -> tuple[list[Path], Path]:
