@@ -5,20 +5,27 @@ point, fused). :class:`ScoreFusion` learns the region that normal score vectors
 occupy and scores new vectors by how far outside it they fall. The detector keeps
 one instance for image scores and one for pixel scores.
 
-Model choice: scikit-learn's ``OneClassSVM`` with an RBF kernel, on scores
-standardised by their normal mean and standard deviation. The normal scores of the
-banks are correlated, and a defect seen by one bank only breaks that correlation
-without making the other scores extreme. A curved boundary around the normal
-cluster detects that. ``SGDOneClassSVM`` is linear: on standardised scores it can
-only cut the space with one hyperplane, which cannot enclose a cluster. The RBF fit
-is exact and deterministic (libsvm), and its quadratic cost is bounded by
-subsampling at most ``max_samples`` vectors.
+Two models:
 
-Default ``nu = 0.5``: ``nu`` bounds the fraction of training vectors outside the
-boundary from above and the fraction of support vectors from below. The score is
-used for ranking, and the operating threshold is calibrated separately on normal
-frames, so ``nu`` is not the false-alarm rate. A larger ``nu`` keeps more support
-vectors and gives a smoother, density-like score. It is also scikit-learn's default.
+- ``kernel="linear"`` (the default, as M3DM): a linear one-class SVM on the scores
+  divided by their normal standard deviation. It separates the normal score vectors
+  from the origin, the vector of perfect matches in every bank, and its normal
+  vector ``w`` (a non-negative combination of support vectors) weights the banks.
+  The fused score is ``w . x``, scikit-learn's ``score_samples``: it rises with
+  every bank's score, so a defect seen by one bank raises it, and ranking never
+  saturates however far a defect lies from normal.
+- ``kernel="rbf"``: an RBF one-class SVM on scores standardised by their normal
+  mean and standard deviation (values below the mean raised to it), scored by the
+  negated decision function. It encloses the normal cluster, so it also catches
+  a broken correlation between banks, but its score saturates: all vectors far
+  outside the boundary score alike, which flattens the ranking of strong defects.
+
+Both fits are exact and deterministic (libsvm); their quadratic cost is bounded by
+subsampling at most ``max_samples`` vectors. Default ``nu = 0.5``: ``nu`` bounds
+the fraction of training vectors outside the boundary from above and the fraction
+of support vectors from below. The score is used for ranking, and the operating
+threshold is calibrated separately on normal frames, so ``nu`` is not the
+false-alarm rate.
 
 Scoring evaluates the fitted decision function from plain arrays (support vectors,
 dual coefficients, intercept, gamma) in numpy, so a fusion stored with
@@ -68,11 +75,13 @@ class ScoreFusion:
 
     def __init__(
         self,
+        kernel: str = "linear",
         nu: float = 0.5,
         gamma: float | str = "scale",
         max_samples: int | None = 10_000,
         seed: int = 0,
     ) -> None:
+        self.kernel = kernel
         self.nu = nu
         self.gamma = gamma
         self.max_samples = max_samples
@@ -102,10 +111,10 @@ class ScoreFusion:
         self.gamma_ = self._resolve_gamma(standardized)
 
         logger.info(
-            "Fitting one-class SVM score fusion on %d of %d vectors of %d scores (nu=%g, gamma=%.4g)",
-            standardized.shape[0], n_vectors, n_banks, self.nu, self.gamma_,
+            "Fitting %s one-class SVM score fusion on %d of %d vectors of %d scores (nu=%g, gamma=%.4g)",
+            self.kernel, standardized.shape[0], n_vectors, n_banks, self.nu, self.gamma_,
         )
-        svm = OneClassSVM(kernel="rbf", nu=self.nu, gamma=self.gamma_).fit(standardized)
+        svm = OneClassSVM(kernel=self.kernel, nu=self.nu, gamma=self.gamma_).fit(standardized)
         self.support_vectors_ = np.asarray(svm.support_vectors_, dtype=np.float64)
         self.dual_coef_ = np.asarray(svm.dual_coef_[0], dtype=np.float64)
         self.intercept_ = float(svm.intercept_[0])
@@ -133,6 +142,8 @@ class ScoreFusion:
             raise ValueError(f"score vectors have {scores.shape[1]} columns but the fusion was fitted on {self.n_features_in_}")
 
         standardized = self._standardize(scores)
+        if self.kernel == "linear":
+            return standardized @ (self.dual_coef_ @ self.support_vectors_)
         fused = np.empty(scores.shape[0])
         support_norms = (self.support_vectors_**2).sum(axis=1)
         for start in range(0, scores.shape[0], SCORE_BLOCK_ROWS):
@@ -164,7 +175,7 @@ class ScoreFusion:
         self._require_fitted()
         header = {
             "format_version": SCORE_FUSION_FORMAT_VERSION,
-            "params": {"nu": self.nu, "gamma": self.gamma, "max_samples": self.max_samples, "seed": self.seed},
+            "params": {"kernel": self.kernel, "nu": self.nu, "gamma": self.gamma, "max_samples": self.max_samples, "seed": self.seed},
             "gamma_": self.gamma_,
             "intercept_": self.intercept_,
         }
@@ -218,21 +229,29 @@ class ScoreFusion:
     # --- helpers ------------------------------------------------------------------------
 
     def _standardize(self, scores: np.ndarray) -> np.ndarray:
-        """Standardise each column by its normal statistics, raising values below the normal mean to it.
+        """Bring each column to the scale of its normal spread, as the model's kernel needs.
 
-        Bank scores are distances to normal features, so only values above normal
-        are evidence of a defect. Without the floor, the RBF boundary, which
-        encloses the normal cluster from all sides, would flag unusually low scores too.
+        Linear: divided by the normal standard deviation, not centred, so the origin
+        stays the vector of perfect matches. RBF: centred on the normal mean too, with
+        values below it raised to it. Bank scores are distances to normal features,
+        so only values above normal are evidence of a defect, and the RBF boundary,
+        which encloses the normal cluster from all sides, would flag low scores too.
         """
+        if self.kernel == "linear":
+            return scores / self.scale_
         return np.maximum((scores - self.mean_) / self.scale_, 0.0)
 
     def _resolve_gamma(self, standardized: np.ndarray) -> float:
+        if self.kernel == "linear":
+            return 0.0
         if self.gamma != "scale":
             return float(self.gamma)
         variance = float(standardized.var())
         return 1.0 / (standardized.shape[1] * variance) if variance > 0 else 1.0
 
     def _check_params(self) -> None:
+        if self.kernel not in ("linear", "rbf"):
+            raise ValueError(f"kernel must be 'linear' or 'rbf', got {self.kernel!r}")
         if not 0 < self.nu <= 1:
             raise ValueError(f"nu must be in (0, 1], got {self.nu}")
         if isinstance(self.gamma, str):

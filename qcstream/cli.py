@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from qcstream.cli_points import add_point_commands
 from qcstream.settings import Settings
 
 logger = logging.getLogger("qcstream.cli")
@@ -70,14 +71,50 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "image_size": args.image_size,
         "layers": args.layers,
+        "feature_grid": args.feature_grid,
         "coreset_ratio": args.coreset_ratio,
+        "coreset_chunk_rows": args.coreset_chunk_rows,
+        "memory_budget_mb": args.memory_budget_mb,
         "target_fpr": args.target_fpr,
     }
+    if args.mode is not None:
+        return _fit_multimodal(args, chosen, model_dir, validation_folder)
     config = DetectorConfig(**{name: value for name, value in chosen.items() if value is not None})
     logger.info("Fitting on %d images from %s, calibrating on %d from %s", len(train), args.train_folder, len(validation), validation_folder)
     detector = PatchCoreDetector(config).fit(train, validation)
     detector.save(model_dir)
     print(f"Model {detector.version} saved to {model_dir} (threshold {detector.threshold_:.4f})")
+    return 0
+
+
+def _fit_multimodal(args: argparse.Namespace, chosen: dict, model_dir: Path, validation_folder: Path | None) -> int:
+    """Fit the multimodal detector on frames with organized point clouds."""
+    from qcstream.models import data as data_io
+    from qcstream.models.multimodal import MultimodalDetector
+    from qcstream.models.multimodal_config import MultimodalConfig
+
+    if validation_folder is None:
+        raise ValueError(
+            f"no validation folder for {args.train_folder}: the multimodal detector fits its score fusion and "
+            "thresholds on held-out good frames; pass --validation DIR"
+        )
+    unused = [name for name in ("checkpoint", "memory_budget_mb") if chosen.get(name) is not None]
+    if unused:
+        raise ValueError(f"--mode {args.mode} does not take {', '.join(unused)}; leave them out")
+    settings = {name: value for name, value in chosen.items() if value is not None and name not in unused}
+    settings.update(
+        mode=args.mode, point_features=args.point_features, point_checkpoint=args.point_checkpoint,
+        point_mae_points=args.point_mae_points,
+    )
+    config = MultimodalConfig(**{name: value for name, value in settings.items() if value is not None})
+
+    train = data_io.discover(args.train_folder, "train")
+    validation = data_io.discover(validation_folder, "validation")
+    logger.info("Fitting mode %s on %d frames from %s, calibrating on %d from %s", config.mode, len(train), args.train_folder, len(validation), validation_folder)
+    detector = MultimodalDetector(config).fit(train, validation)
+    detector.save(model_dir)
+    thresholds = ", ".join(f"{mode} {value:.4f}" for mode, value in detector.thresholds_.items())
+    print(f"Model {detector.version} saved to {model_dir} (thresholds: {thresholds})")
     return 0
 
 
@@ -131,16 +168,36 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from qcstream.streams.producer import replay_folder
 
     images: list[Path] = []
+    clouds: list[Path | None] = []
     for item in args.images:
         path = Path(item)
         if not path.exists():
             raise FileNotFoundError(f"image or folder {path} not found: pass image files or folders of images")
-        images.extend([path] if path.is_file() else [s.image_path for s in discover(path, "test")])
-    refs = replay_folder(Settings.from_env(), images, line_id=args.line, camera_id=args.camera, interval_s=args.interval)
-    print("frame_id\tline_id\tcamera_id\tpayload")
+        if path.is_file():
+            images.append(path)
+            clouds.append(_sibling_cloud(path))
+        else:
+            samples = discover(path, "test")
+            images.extend(sample.image_path for sample in samples)
+            clouds.extend(sample.xyz_path for sample in samples)
+    if args.no_clouds:
+        clouds = [None] * len(images)
+    refs = replay_folder(
+        Settings.from_env(), images, line_id=args.line, camera_id=args.camera, interval_s=args.interval, point_clouds=clouds
+    )
+    print("frame_id\tline_id\tcamera_id\tpayload\tpoint_cloud")
     for ref in refs:
-        print(f"{ref.frame_id}\t{ref.line_id}\t{ref.camera_id}\t{ref.payload_bucket}/{ref.payload_key}")
+        cloud = f"{ref.payload_bucket}/{ref.point_cloud_key}" if ref.point_cloud_key else "-"
+        print(f"{ref.frame_id}\t{ref.line_id}\t{ref.camera_id}\t{ref.payload_bucket}/{ref.payload_key}\t{cloud}")
     return 0
+
+
+def _sibling_cloud(image: Path) -> Path | None:
+    """Return ``../xyz/<stem>.tiff`` for an MVTec 3D-AD ``rgb/<stem>.png`` image, when it exists."""
+    if image.parent.name != "rgb":
+        return None
+    candidate = image.parent.parent / "xyz" / f"{image.stem}.tiff"
+    return candidate if candidate.is_file() else None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -205,7 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--checkpoint", type=Path, help="official DINO or DINOv2 .pth file for --backbone vit_checkpoint, e.g. dino_vitbase8_pretrain.pth")
     fit.add_argument("--image-size", type=_pair, help=f"network input size in pixels, N or HxW, multiples of the ViT patch size (14 for dinov2_vits14) (default: {defaults.image_size[0]}x{defaults.image_size[1]})")
     fit.add_argument("--layers", type=_int_list, help=f"ViT blocks whose features are joined (default: {','.join(map(str, defaults.layers))})")
+    fit.add_argument("--feature-grid", type=_pair, help="patch grid of the memory bank, N or HxW (default: the backbone's own grid)")
     fit.add_argument("--coreset-ratio", type=float, help=f"fraction of training patches kept in the memory bank (default: {defaults.coreset_ratio})")
+    fit.add_argument("--coreset-chunk-rows", type=int, help=f"training patches buffered per coreset chunk; lower it on small devices (default: {defaults.coreset_chunk_rows})")
+    fit.add_argument("--memory-budget-mb", type=float, help="refuse to fit when the memory bank and coreset buffer would exceed this many MiB (default: no check)")
+    fit.add_argument("--mode", choices=["rgb+xyz", "xyz", "rgb"], help="fit the multimodal detector on frames with xyz point clouds: fused, 3D only, or its RGB branch (default: the RGB detector)")
+    fit.add_argument("--point-features", choices=["fpfh", "point_mae"], help="point features of --mode rgb+xyz or xyz (default: fpfh, which needs no weights)")
+    fit.add_argument("--point-checkpoint", type=Path, help="Point-MAE checkpoint for --point-features point_mae: an official pretrain.pth or one from `qcstream pretrain-points`")
+    fit.add_argument("--point-mae-points", type=int, help="points of each cloud the Point-MAE encoder sees; use the value it was pretrained with (default: 8192)")
     fit.add_argument("--target-fpr", type=float, help=f"false-positive rate on normal validation images that sets the threshold (default: {defaults.target_fpr})")
     fit.set_defaults(func=cmd_fit)
 
@@ -229,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--line", required=True, help="production line id")
     produce.add_argument("--camera", required=True, help="camera id")
     produce.add_argument("--interval", type=float, default=0.0, help="seconds between frames (default: 0)")
+    produce.add_argument("--no-clouds", action="store_true", help="send RGB only, even where an xyz point cloud sits beside the image")
     produce.set_defaults(func=cmd_produce)
 
     worker = commands.add_parser("worker", help="run the Faust inspection worker")
@@ -256,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-services", action="store_true", help="leave Kafka and MinIO running at the end")
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for all results (default: 900)")
     demo.set_defaults(func=cmd_demo)
+
+    add_point_commands(commands)
     return parser
 
 

@@ -24,6 +24,7 @@ from kafka import KafkaProducer
 from PIL import Image, UnidentifiedImageError
 
 from qcstream.settings import Settings
+from qcstream.models.data import load_xyz
 from qcstream.storage.objects import ObjectStore, frame_payload_key, point_cloud_key
 from qcstream.streams.payload import PayloadError, decode_point_cloud
 from qcstream.streams.records import FrameRef, validate_id
@@ -255,21 +256,28 @@ def replay_folder(
     line_id: str,
     camera_id: str,
     interval_s: float = 0.0,
+    point_clouds: Sequence[Path | None] | None = None,
 ) -> list[FrameRef]:
     """Send ``images`` in order as frames of one camera, ``interval_s`` apart.
 
     Useful to replay recorded frames into a line as if a camera took them now.
+    ``point_clouds``, when given, holds one organized-cloud TIFF path (MVTec 3D-AD
+    ``xyz/NNN.tiff``) or None per image; each cloud travels with its frame.
     """
     validate_id("line_id", line_id)
     validate_id("camera_id", camera_id)
     if interval_s < 0:
         raise ValueError(f"invalid interval_s {interval_s!r}: expected a number >= 0")
+    if point_clouds is not None and len(point_clouds) != len(images):
+        raise ValueError(f"got {len(point_clouds)} point clouds for {len(images)} images: pass one path or None per image")
 
     refs = []
     with FrameProducer(settings) as producer:
         for index, path in enumerate(images):
             if index and interval_s:
                 time.sleep(interval_s)
-            refs.append(producer.send_frame(path, line_id=line_id, camera_id=camera_id))
+            cloud_path = point_clouds[index] if point_clouds is not None else None
+            cloud = None if cloud_path is None else load_xyz(cloud_path)
+            refs.append(producer.send_frame(path, line_id=line_id, camera_id=camera_id, point_cloud=cloud))
     logger.info("replayed %d frames to line %s camera %s", len(refs), line_id, camera_id)
     return refs

@@ -129,6 +129,39 @@ def fitted_model_dir(tire_root: Path, tmp_path_factory: pytest.TempPathFactory) 
     return model_dir
 
 
+#: Generated scans for the multimodal tests: small, so a fit takes seconds.
+SCAN_SIZE = 112
+SCAN_GRID = 14
+
+
+@pytest.fixture(scope="session")
+def scan_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated "ring" category: 8 train, 6 validation, 4 good and 3 each of dent, stain, hole for test."""
+    from qcstream.models.scan_generator import write_dataset
+
+    return write_dataset(
+        tmp_path_factory.mktemp("scans"), "ring", seed=5, size=(SCAN_SIZE, SCAN_SIZE), n_train=8, n_validation=6,
+        n_test_good=4, n_test_per_defect=3, defects=["dent", "stain", "hole"], progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def multimodal_model_dir(scan_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fused RGB + FPFH detector fitted on the generated scans."""
+    from qcstream.models import data as data_io
+    from qcstream.models.multimodal import MultimodalDetector
+    from qcstream.models.multimodal_config import MultimodalConfig
+
+    config = MultimodalConfig(
+        image_size=(SCAN_SIZE, SCAN_SIZE), cloud_size=(SCAN_SIZE, SCAN_SIZE), feature_grid=(SCAN_GRID, SCAN_GRID),
+        coreset_ratio=0.25, fusion_epochs=3,
+    )
+    detector = MultimodalDetector(config).fit(
+        data_io.discover(scan_root, "train"), data_io.discover(scan_root, "validation"), progress=False
+    )
+    return detector.save(tmp_path_factory.mktemp("multimodal-model"))
+
+
 def _free_port() -> int:
     import socket
 

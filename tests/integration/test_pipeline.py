@@ -8,14 +8,10 @@ version that must land on the dead-letter topic without stopping the worker.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +23,7 @@ from kafka import KafkaAdminClient, KafkaConsumer
 from PIL import Image
 
 from qcstream.models.overlay import caption_band_height
-from qcstream.settings import ENV_PREFIX, Settings
+from qcstream.settings import Settings
 from qcstream.storage.queries import defect_rates, rolling_rates
 from qcstream.storage.objects import ObjectStore, frame_payload_key
 from qcstream.streams.inspect import overlay_caption
@@ -53,84 +49,17 @@ REAL_FRAMES = [
     ("combined", "000.png"),
     ("good", "006.png"),
 ]
-#: Upper bound for the whole pipeline to deliver (model loading, group join, scoring on CPU).
-DEADLINE_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def worker_command() -> list[str]:
-    if importlib.util.find_spec("qcstream.cli") is not None:
-        return [sys.executable, "-m", "qcstream.cli", "worker"]
-    code = (
-        "from qcstream.settings import Settings\n"
-        "from qcstream.streams.worker import run_worker\n"
-        "run_worker(Settings.from_env())\n"
-    )
-    return [sys.executable, "-c", code]
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    """Return the environment that makes ``Settings.from_env()`` in the worker equal ``settings``."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
-    env.update(settings.to_env())
-    return env
 
 
 @pytest.fixture
-def settings(kafka_settings: Settings, fitted_model_dir: Path, tmp_path: Path, cleanup_streams) -> Settings:
+def settings(pipeline_settings, fitted_model_dir: Path) -> Settings:
     """Settings with this test's own consumer group, topics, buckets, data folder and web port."""
-    run = uuid.uuid4().hex[:8]
-    settings = dataclasses.replace(
-        kafka_settings,
-        data_dir=tmp_path / "data",
-        model_dir=Path(fitted_model_dir),
-        topic_frames=f"frames-{run}",
-        topic_results=f"results-{run}",
-        topic_defects=f"defects-{run}",
-        topic_labels=f"labels-{run}",
-        topic_dead_letter=f"dead-letter-{run}",
-        bucket_frames=f"frames-{run}",
-        bucket_maps=f"maps-{run}",
-        app_id=f"qcstream-test-{run}",
-        worker_web_port=free_port(),
-        sink_batch_size=50,
-        sink_batch_seconds=1.0,
-    )
-    cleanup_streams(settings)
-    return settings
+    return pipeline_settings(fitted_model_dir)
 
 
 @pytest.fixture
-def worker(settings: Settings, tmp_path: Path):
-    """Start the worker process, with its output in ``worker.log``, and stop it after the test.
-
-    The stop uses SIGTERM, so the worker leaves the consumer group. A killed worker
-    would delay the next worker's group join until Kafka's session timeout.
-    """
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            worker_command(), env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
-        )
-    process.log_path = log_path
-    yield process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-
-
-def log_tail(process, lines: int = 60) -> str:
-    text = Path(process.log_path).read_text(errors="replace").splitlines()
-    return "worker log (last lines):\n" + "\n".join(text[-lines:])
+def worker(settings: Settings, start_worker):
+    return start_worker(settings)
 
 
 def painted_frame() -> np.ndarray:
@@ -184,36 +113,6 @@ def send_bad_frames(settings: Settings) -> tuple[FrameRef, bytes]:
     finally:
         producer.close()
     return corrupt, future_value
-
-
-def collect(settings: Settings, worker, expected_results: int, expected_letters: int) -> dict[str, list]:
-    """Read results, defects and dead letters until the expected counts arrive, then 3 s more."""
-    consumer = KafkaConsumer(
-        settings.topic_results,
-        settings.topic_defects,
-        settings.topic_dead_letter,
-        bootstrap_servers=settings.kafka_bootstrap.split(","),
-        group_id=None,
-        auto_offset_reset="earliest",
-    )
-    messages: dict[str, list] = {settings.topic_results: [], settings.topic_defects: [], settings.topic_dead_letter: []}
-    deadline = time.monotonic() + DEADLINE_S
-    quiet_until = None
-    try:
-        while time.monotonic() < deadline and (quiet_until is None or time.monotonic() < quiet_until):
-            assert worker.poll() is None, f"worker exited with {worker.returncode}\n{log_tail(worker)}"
-            for records in consumer.poll(timeout_ms=1000).values():
-                for record in records:
-                    messages[record.topic].append(record)
-            done = (
-                len(messages[settings.topic_results]) >= expected_results
-                and len(messages[settings.topic_dead_letter]) >= expected_letters
-            )
-            if done and quiet_until is None:
-                quiet_until = time.monotonic() + 3.0  # a duplicate would show up here
-    finally:
-        consumer.close()
-    return messages
 
 
 def query(sql: str) -> list[tuple]:
@@ -287,16 +186,16 @@ def test_replay_folder_sends_frames_in_order(kafka_settings: Settings):
         assert store.get_bytes(settings.bucket_frames, ref.payload_key) == image.read_bytes()
 
 
-def test_frames_flow_from_producer_to_parquet(settings: Settings, worker):
+def test_frames_flow_from_producer_to_parquet(settings: Settings, worker, collect_messages):
     ensure_topics(settings)
     refs = send_good_frames(settings)
     corrupt, future_value = send_bad_frames(settings)
 
-    messages = collect(settings, worker, expected_results=len(refs), expected_letters=2)
+    messages = collect_messages(settings, worker, expected_results=len(refs), expected_letters=2)
 
     # Every good frame gives exactly one result, keyed by its line.
     results = [InspectionResult.loads(record.value) for record in messages[settings.topic_results]]
-    assert sorted(result.frame_id for result in results) == sorted(refs), log_tail(worker)
+    assert sorted(result.frame_id for result in results) == sorted(refs), worker.log_tail()
     for record, result in zip(messages[settings.topic_results], results):
         ref = refs[result.frame_id]
         assert record.key == ref.line_id.encode()
@@ -330,7 +229,7 @@ def test_frames_flow_from_producer_to_parquet(settings: Settings, worker):
     assert letters["corrupt-1"].reason.startswith(f"invalid payload {settings.bucket_frames}/{corrupt.payload_key}")
     assert "unsupported schema_version '2.0'" in letters["future-1"].reason
     assert letters["future-1"].original_value == future_value.decode()
-    assert worker.poll() is None, log_tail(worker)
+    assert worker.poll() is None, worker.log_tail()
 
     # An audit station labels every frame: real ones from their masks, the painted one as a defect.
     frame_list = list(refs.values())
@@ -345,8 +244,8 @@ def test_frames_flow_from_producer_to_parquet(settings: Settings, worker):
         labels[painted_ref.frame_id] = True
         publisher.flush()
 
-    assert wait_for_parquet(settings, "results", len(refs)) == len(refs), log_tail(worker)
-    assert wait_for_parquet(settings, "labels", len(labels)) == len(labels), log_tail(worker)
+    assert wait_for_parquet(settings, "results", len(refs)) == len(refs), worker.log_tail()
+    assert wait_for_parquet(settings, "labels", len(labels)) == len(labels), worker.log_tail()
     pattern = str(settings.data_dir / "results" / "**" / "*.parquet")
     stored = dict(query(f"SELECT frame_id, image_score FROM read_parquet('{pattern}')"))
     assert stored == {result.frame_id: result.image_score for result in results}
@@ -373,4 +272,4 @@ def test_frames_flow_from_producer_to_parquet(settings: Settings, worker):
 
     # SIGTERM stops the worker cleanly.
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=60) == 0, log_tail(worker)
+    assert worker.wait(timeout=60) == 0, worker.log_tail()

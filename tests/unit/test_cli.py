@@ -84,3 +84,42 @@ def test_missing_model_reports_fix(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path), "--model-dir", str(tmp_path / "none")]) == 1
 
     assert "qcstream fit" in capsys.readouterr().err
+
+
+def test_fit_options_reach_the_saved_config(tire_root, tmp_path):
+    train = tmp_path / "good"
+    train.mkdir()
+    for image in sorted((tire_root / "train" / "good" / "rgb").glob("*.png"))[:4]:
+        (train / image.name).symlink_to(image)
+    model_dir = tmp_path / "model"
+
+    assert main([
+        "fit", str(train), "--model-dir", str(model_dir), "--image-size", "224", "--feature-grid", "12",
+        "--coreset-chunk-rows", "100", "--memory-budget-mb", "64",
+    ]) == 0
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("config", config)
+    assert config["feature_grid"] == [12, 12]
+    assert config["coreset_chunk_rows"] == 100
+    assert config["memory_budget_mb"] == 64
+
+
+def test_fit_over_memory_budget_says_what_to_change(tire_root, tmp_path, capsys):
+    train = tmp_path / "good"
+    train.mkdir()
+    for image in sorted((tire_root / "train" / "good" / "rgb").glob("*.png"))[:4]:
+        (train / image.name).symlink_to(image)
+
+    # 4 images x 16x16 patches x 384 dims: a 0.5 coreset is 512 rows = 0.375 MiB in fp16,
+    # plus a 100-row chunk buffer of 0.12 MiB; a 0.3 MiB budget cannot hold both.
+    code = main([
+        "fit", str(train), "--model-dir", str(tmp_path / "model"), "--image-size", "224",
+        "--coreset-ratio", "0.5", "--coreset-chunk-rows", "100", "--memory-budget-mb", "0.3",
+    ])
+
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "memory budget" in error
+    assert "lower coreset_ratio to" in error
+    assert not (tmp_path / "model").exists()
