@@ -19,10 +19,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qcstream.models import data as data_io
 from qcstream.models.anomaly_map import anomaly_map_from_patches
+from qcstream.models.batching import load_in_batches
 from qcstream.models.config import DetectorConfig
 from qcstream.models.coreset import ChunkedCoreset
 from qcstream.models.efficientnet import DEFAULT_FEATURE_STAGES, EfficientNetFeatureExtractor, efficientnet_lite0, stage_grid
@@ -95,12 +95,7 @@ class PatchCoreDetector:
         return self.extractor(batch).permute(0, 2, 3, 1)
 
     def _batches(self, images: Sequence[ImageLike], desc: str, progress: bool) -> Iterable[list[np.ndarray]]:
-        size = self.config.batch_size
-        with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
-            for start in range(0, len(images), size):
-                chunk = [_as_rgb(image) for image in images[start : start + size]]
-                yield chunk
-                bar.update(len(chunk))
+        return load_in_batches(images, self.config.batch_size, _as_rgb, desc, "img", progress)
 
     # --- fitting ------------------------------------------------------------------
 

@@ -7,13 +7,14 @@ Fitting, on normal frames that have an RGB image and an organized point cloud:
 2. Fusion MLPs trained on the training patches with a patch-wise InfoNCE loss;
    the fused patch feature joins their two projections.
 3. One greedy-coreset memory bank per feature kind: RGB, points, fused.
-4. On held-out normal frames: one one-class SVM over the three banks' image
-   scores, one over their patch scores, and a threshold per mode for
-   ``config.target_fpr``.
+4. On held-out normal frames: a one-class SVM over the three banks' patch
+   scores, optionally one over their image scores (``config.image_fusion``), and
+   a threshold per mode for ``config.target_fpr``.
 
-Scoring a frame gives each bank's patch distances. The fused image score is the
-image SVM's score of the three maxima. The fused anomaly map is the patch SVM's
-score of each patch's three distances, upsampled and blurred. The patch SVM
+Scoring a frame gives each bank's patch distances. The fused anomaly map is the
+patch SVM's score of each patch's three distances, upsampled and blurred. The
+fused image score is the image SVM's score of the three banks' maxima ("svm", as
+M3DM), or the maximum of the fused patch scores ("map_max"). The patch SVM
 works on the feature grid (28 x 28 by default), not on every pixel, so a frame
 costs hundreds of SVM evaluations instead of tens of thousands. A frame without
 a point cloud is scored by the RGB bank alone, and its prediction says so.
@@ -31,10 +32,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qcstream.models import data as data_io
 from qcstream.models.anomaly_map import anomaly_map_from_patches
+from qcstream.models.batching import load_in_batches
 from qcstream.models.config import DetectorConfig
 from qcstream.models.coreset import ChunkedCoreset
 from qcstream.models.decision_fusion import ScoreFusion
@@ -85,7 +86,8 @@ class MultimodalDetector:
     """Fit on normal RGB + point-cloud frames, then score new ones; see the module docstring.
 
     Fitted state: ``banks_`` (name -> ``(N, C)`` float16), ``fusion_`` (the fusion
-    MLPs), ``image_fusion_`` and ``patch_fusion_`` (one-class SVMs), ``thresholds_``
+    MLPs), ``patch_fusion_`` and, for ``image_fusion="svm"``, ``image_fusion_``
+    (one-class SVMs), ``thresholds_``
     (mode -> threshold), ``score_ranges_``, ``version_``.
     """
 
@@ -161,12 +163,7 @@ class MultimodalDetector:
         return features
 
     def _batches(self, frames: Sequence[Frame | data_io.Sample], desc: str, progress: bool):
-        size = self.config.batch_size
-        with tqdm(total=len(frames), desc=desc, unit="frame", disable=not progress) as bar:
-            for start in range(0, len(frames), size):
-                chunk = [_as_frame(frame) for frame in frames[start : start + size]]
-                yield chunk
-                bar.update(len(chunk))
+        return load_in_batches(frames, self.config.batch_size, _as_frame, desc, "frame", progress)
 
     # --- fitting ------------------------------------------------------------------
 
@@ -247,12 +244,17 @@ class MultimodalDetector:
 
         if self.config.mode == "rgb+xyz":
             logger.info("Fitting the decision-layer fusion on %d validation frames", len(image_scores))
-            self.image_fusion_ = ScoreFusion(seed=self.config.seed).fit(image_scores)
             sample = _sample_rows(patch_scores.shape[0], self.config.pixel_fusion_samples, self.config.seed)
-            self.patch_fusion_ = ScoreFusion(seed=self.config.seed).fit(patch_scores[sample.numpy()])
-            fused_image = self.image_fusion_.score(image_scores)
+            # RBF for patches and linear for images scored best on generated scans (docs/multimodal-results.md).
+            self.patch_fusion_ = ScoreFusion(kernel="rbf", seed=self.config.seed).fit(patch_scores[sample.numpy()])
+            fused_patches = self.patch_fusion_.score(patch_scores).reshape(len(image_scores), -1)
+            if self.config.image_fusion == "svm":
+                self.image_fusion_ = ScoreFusion(kernel="linear", seed=self.config.seed).fit(image_scores)
+                fused_image = self.image_fusion_.score(image_scores)
+            else:
+                fused_image = fused_patches.max(axis=1)
             self.thresholds_["rgb+xyz"] = threshold_for_fpr(fused_image, self.config.target_fpr)
-            self.score_ranges_["rgb+xyz"] = _score_range(self.patch_fusion_.score(patch_scores[sample.numpy()]), self.thresholds_["rgb+xyz"])
+            self.score_ranges_["rgb+xyz"] = _score_range(fused_patches.ravel(), self.thresholds_["rgb+xyz"])
 
     # --- scoring ------------------------------------------------------------------
 
@@ -316,12 +318,15 @@ class MultimodalDetector:
             outputs["rgb"] = (scores.image["rgb"], scores.patches["rgb"])
         if "points" in scores.image:
             outputs["xyz"] = (scores.image["points"], scores.patches["points"])
-        if self.image_fusion_ is not None and len(scores.image) == len(self.banks_):
+        if self.patch_fusion_ is not None and len(scores.image) == len(self.banks_):
             names = list(self.banks_)
-            image = self.image_fusion_.score(np.stack([scores.image[name] for name in names], axis=1))
             stacked = torch.stack([scores.patches[name] for name in names], dim=-1)
-            fused = self.patch_fusion_.score(stacked.reshape(-1, len(names)).numpy())
-            outputs["rgb+xyz"] = (np.asarray(image, dtype=np.float64), torch.as_tensor(fused, dtype=torch.float32).reshape(stacked.shape[:-1]))
+            fused = self.patch_fusion_.score(stacked.reshape(-1, len(names)).numpy()).reshape(stacked.shape[:-1])
+            if self.image_fusion_ is not None:
+                image = self.image_fusion_.score(np.stack([scores.image[name] for name in names], axis=1))
+            else:
+                image = fused.reshape(fused.shape[0], -1).max(axis=1)
+            outputs["rgb+xyz"] = (np.asarray(image, dtype=np.float64), torch.as_tensor(fused, dtype=torch.float32))
         return outputs
 
     def _anomaly_map(self, patch_scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -390,9 +395,10 @@ class MultimodalDetector:
             save_point_mae(model_dir / POINT_ENCODER_FILE, self.point_extractor.encoder)
         if self.fusion_ is not None:
             torch.save({"config": self.fusion_.to_dict(), "state_dict": self.fusion_.state_dict()}, model_dir / FUSION_FILE)
-        if self.image_fusion_ is not None:
-            arrays = {f"image_{key}": value for key, value in self.image_fusion_.to_arrays().items()}
-            arrays.update({f"patch_{key}": value for key, value in self.patch_fusion_.to_arrays().items()})
+        if self.patch_fusion_ is not None:
+            arrays = {f"patch_{key}": value for key, value in self.patch_fusion_.to_arrays().items()}
+            if self.image_fusion_ is not None:
+                arrays.update({f"image_{key}": value for key, value in self.image_fusion_.to_arrays().items()})
             np.savez(model_dir / SCORE_FUSION_FILE, **arrays)
 
         meta = {
@@ -441,8 +447,9 @@ class MultimodalDetector:
             detector.fusion_.eval()
         if (model_dir / SCORE_FUSION_FILE).is_file():
             with np.load(model_dir / SCORE_FUSION_FILE) as arrays:
-                detector.image_fusion_ = ScoreFusion.from_arrays({key[6:]: arrays[key] for key in arrays.files if key.startswith("image_")})
                 detector.patch_fusion_ = ScoreFusion.from_arrays({key[6:]: arrays[key] for key in arrays.files if key.startswith("patch_")})
+                if any(key.startswith("image_") for key in arrays.files):
+                    detector.image_fusion_ = ScoreFusion.from_arrays({key[6:]: arrays[key] for key in arrays.files if key.startswith("image_")})
 
         detector.thresholds_ = {mode: float(value) for mode, value in meta["thresholds"].items()}
         detector.score_ranges_ = {mode: tuple(bounds) for mode, bounds in meta["score_ranges"].items()}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qcstream.models.point_ops import group_points, validate_points
-from qcstream.models.vit import Attention, Block, Mlp
+from qcstream.models.vit import Attention, Block, Mlp, stack_blocks
 from qcstream.models.weights import WeightsError
 
 logger = logging.getLogger(__name__)
@@ -152,18 +152,8 @@ class PointMAEEncoder(nn.Module):
 
         self.group_embed = MiniPointNet(embed_dim)
         self.pos_embed = position_embedding_mlp(embed_dim)
-        self.blocks = nn.ModuleList(
-            block_fn(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                layer_scale=None,
-                norm_layer=norm_layer,
-                act_layer=act_layer,
-                attn_layer=attn_layer,
-                mlp_layer=mlp_layer,
-            )
-            for _ in range(depth)
+        self.blocks = stack_blocks(
+            depth, embed_dim, num_heads, mlp_ratio, None, norm_layer, act_layer, attn_layer, mlp_layer, block_fn
         )
         self.norm = norm_layer(embed_dim)
         self.apply(init_point_mae_weights)

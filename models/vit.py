@@ -125,6 +125,34 @@ class Block(nn.Module):
         return x
 
 
+def stack_blocks(
+    depth: int,
+    dim: int,
+    num_heads: int,
+    mlp_ratio: float,
+    layer_scale: float | None,
+    norm_layer: Callable[[int], nn.Module],
+    act_layer: type[nn.Module],
+    attn_layer: type[Attention],
+    mlp_layer: type[Mlp],
+    block_fn: type[Block] = Block,
+) -> nn.ModuleList:
+    """Build ``depth`` transformer blocks of width ``dim`` from the given layer classes."""
+    return nn.ModuleList(
+        block_fn(
+            dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            layer_scale=layer_scale,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            attn_layer=attn_layer,
+            mlp_layer=mlp_layer,
+        )
+        for _ in range(depth)
+    )
+
+
 def layer_norm_eps6(dim: int) -> nn.LayerNorm:
     """LayerNorm with eps 1e-6, as DINO and DINOv2 use."""
     return nn.LayerNorm(dim, eps=1e-6)
@@ -169,18 +197,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
-        self.blocks = nn.ModuleList(
-            block_fn(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                layer_scale=layer_scale,
-                norm_layer=norm_layer,
-                act_layer=act_layer,
-                attn_layer=attn_layer,
-                mlp_layer=mlp_layer,
-            )
-            for _ in range(depth)
+        self.blocks = stack_blocks(
+            depth, embed_dim, num_heads, mlp_ratio, layer_scale, norm_layer, act_layer, attn_layer, mlp_layer, block_fn
         )
         self.norm = norm_layer(embed_dim)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
