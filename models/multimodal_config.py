@@ -42,7 +42,7 @@ class MultimodalConfig:
     #: a group is the nearest ``group_size`` points and so depends on density.
     point_mae_points: int = 8192
     #: FPFH neighbourhood scale, in multiples of the mean point spacing.
-    fpfh_scale: float = 1.0
+    fpfh_scale: float = 3.0
     #: Fusion MLPs: hidden and output width per modality, training epochs.
     fusion_hidden_dim: int = 256
     fusion_out_dim: int = 128
@@ -52,7 +52,13 @@ class MultimodalConfig:
     #: Fraction of the training patches kept in each memory bank.
     coreset_ratio: float = 0.1
     coreset_chunk_rows: int = 200_000
-    #: Validation pixels sampled for the pixel-score fusion.
+    #: How the fused image score is made: "svm", a linear one-class SVM over the three
+    #: banks' image scores fitted on the validation frames (M3DM's image fusion), or
+    #: "map_max", the maximum of the fused patch scores. The image SVM learns from one
+    #: vector per validation frame, so "map_max" can be the better choice when there
+    #: are only a few validation frames.
+    image_fusion: str = "svm"
+    #: Validation patches sampled for the patch-score fusion.
     pixel_fusion_samples: int = 20_000
     blur_sigma: float = 4.0
     target_fpr: float = 0.05
@@ -67,6 +73,8 @@ class MultimodalConfig:
             raise ValueError(f"mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if self.point_features not in POINT_FEATURES:
             raise ValueError(f"point_features {self.point_features!r} is unknown; use one of {', '.join(POINT_FEATURES)}")
+        if self.image_fusion not in ("map_max", "svm"):
+            raise ValueError(f"image_fusion {self.image_fusion!r} is unknown; use 'map_max' or 'svm'")
         if self.point_checkpoint is not None:
             self.point_checkpoint = str(self.point_checkpoint)
         if not 0.0 < self.coreset_ratio <= 1.0:

@@ -136,11 +136,11 @@ SCAN_GRID = 14
 
 @pytest.fixture(scope="session")
 def scan_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A generated "ring" category: 8 train, 6 validation, 4 good and 3 each of dent, stain, hole for test."""
+    """A generated "ring" category: 8 train, 10 validation, 4 good and 3 each of dent, stain, hole for test."""
     from qcstream.models.scan_generator import write_dataset
 
     return write_dataset(
-        tmp_path_factory.mktemp("scans"), "ring", seed=5, size=(SCAN_SIZE, SCAN_SIZE), n_train=8, n_validation=6,
+        tmp_path_factory.mktemp("scans"), "ring", seed=5, size=(SCAN_SIZE, SCAN_SIZE), n_train=8, n_validation=10,
         n_test_good=4, n_test_per_defect=3, defects=["dent", "stain", "hole"], progress=False,
     )
 

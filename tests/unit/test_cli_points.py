@@ -44,7 +44,9 @@ def test_fit_fused_then_evaluate(scans, tmp_path, capsys):
     assert "thresholds: rgb" in capsys.readouterr().out
 
     metrics_file = tmp_path / "metrics.json"
-    assert main(["evaluate", str(scans), "--model-dir", str(model_dir), "--json", str(metrics_file)]) == 0
+    report = tmp_path / "report"
+    assert main(["evaluate", str(scans), "--model-dir", str(model_dir), "--json", str(metrics_file), "--report", str(report)]) == 0
+    assert (report / "index.html").is_file()
 
     metrics = json.loads(metrics_file.read_text())
     assert metrics["n_images"] == 8
@@ -97,3 +99,25 @@ def test_pretrain_points_needs_clouds(tire_root, tmp_path, capsys):
 
     assert code == 1
     assert "xyz point clouds" in capsys.readouterr().err
+
+
+def test_produce_sends_the_cloud_beside_each_image(scans, monkeypatch):
+    # The sending itself runs against real Kafka and MinIO in the integration tests.
+    sent = {}
+
+    def record(settings, images, line_id, camera_id, interval_s, point_clouds):
+        sent.update(images=list(images), clouds=list(point_clouds))
+        return []
+
+    monkeypatch.setattr("qcstream.streams.producer.replay_folder", record)
+    image = scans / "test" / "dent" / "rgb" / "000.png"
+
+    assert main(["produce", str(image), str(scans / "test"), "--line", "l1", "--camera", "c1"]) == 0
+
+    assert sent["images"][0] == image
+    assert sent["clouds"][0] == scans / "test" / "dent" / "xyz" / "000.tiff"
+    assert len(sent["clouds"]) == len(sent["images"]) == 9
+    assert all(cloud is not None and cloud.suffix == ".tiff" for cloud in sent["clouds"])
+
+    assert main(["produce", str(image), "--line", "l1", "--camera", "c1", "--no-clouds"]) == 0
+    assert sent["clouds"] == [None]

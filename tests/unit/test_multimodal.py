@@ -7,7 +7,7 @@ import pytest
 
 from qcstream.models import data as data_io
 from qcstream.models.detector import load_detector
-from qcstream.models.metrics import pixel_auroc
+from qcstream.models.metrics import image_auroc, pixel_auroc
 from qcstream.models.multimodal import MultimodalDetector
 from qcstream.models.multimodal_config import MultimodalConfig
 
@@ -48,28 +48,44 @@ def test_every_mode_scores_every_frame(mode_outputs, test_samples):
         assert all(m.shape == (112, 112) for m in maps)
 
 
+def image_auroc_of(samples, scores, defect_type):
+    """Image AUROC over the frames of one defect type and the good frames."""
+    chosen = [i for i, sample in enumerate(samples) if sample.defect_type in (defect_type, "good")]
+    return image_auroc(np.array([samples[i].label for i in chosen]), scores[chosen])
+
+
 def test_point_features_find_dents_that_rgb_cannot_see(mode_outputs, test_samples):
     # A dent changes only the geometry: its RGB is the good part's RGB.
-    rgb = pixel_auroc_of(test_samples, mode_outputs["rgb"][1], "dent")
-    points = pixel_auroc_of(test_samples, mode_outputs["xyz"][1], "dent")
+    rgb = image_auroc_of(test_samples, mode_outputs["rgb"][0], "dent")
+    points = image_auroc_of(test_samples, mode_outputs["xyz"][0], "dent")
 
-    assert points > rgb + 0.1, f"dent pixel AUROC: xyz {points:.3f}, rgb {rgb:.3f}"
+    assert points > rgb + 0.3, f"dent image AUROC: xyz {points:.3f}, rgb {rgb:.3f}"
 
 
 def test_rgb_features_find_stains_that_points_cannot_see(mode_outputs, test_samples):
     # A stain changes only the colour: its cloud is the good part's cloud.
-    rgb = pixel_auroc_of(test_samples, mode_outputs["rgb"][1], "stain")
-    points = pixel_auroc_of(test_samples, mode_outputs["xyz"][1], "stain")
+    rgb = image_auroc_of(test_samples, mode_outputs["rgb"][0], "stain")
+    points = image_auroc_of(test_samples, mode_outputs["xyz"][0], "stain")
 
-    assert rgb > points + 0.1, f"stain pixel AUROC: rgb {rgb:.3f}, xyz {points:.3f}"
+    assert rgb > points + 0.3, f"stain image AUROC: rgb {rgb:.3f}, xyz {points:.3f}"
 
 
-def test_fused_maps_see_both_kinds(mode_outputs, test_samples):
-    fused_maps = mode_outputs["rgb+xyz"][1]
+def test_fused_maps_find_both_kinds(mode_outputs, test_samples):
+    maps = mode_outputs["rgb+xyz"][1]
     for defect_type in ("dent", "stain"):
-        fused = pixel_auroc_of(test_samples, fused_maps, defect_type)
         weaker = min(pixel_auroc_of(test_samples, mode_outputs[mode][1], defect_type) for mode in ("rgb", "xyz"))
-        assert fused > weaker, f"{defect_type}: fused {fused:.3f}, weaker single mode {weaker:.3f}"
+
+        fused = pixel_auroc_of(test_samples, maps, defect_type)
+
+        assert fused > weaker, f"{defect_type}: fused pixel AUROC {fused:.3f}, weaker single mode {weaker:.3f}"
+
+
+def test_fused_image_score_finds_dents_rgb_misses(mode_outputs, test_samples):
+    rgb = image_auroc_of(test_samples, mode_outputs["rgb"][0], "dent")
+
+    fused = image_auroc_of(test_samples, mode_outputs["rgb+xyz"][0], "dent")
+
+    assert fused > rgb + 0.3, f"dent image AUROC: fused {fused:.3f}, rgb {rgb:.3f}"
 
 
 def test_saved_model_reloads_to_the_same_scores(multimodal_model_dir, test_samples, mode_outputs):
@@ -130,7 +146,25 @@ def test_point_mae_without_checkpoint_says_what_to_do():
         config.check_point_checkpoint()
 
 
-@pytest.mark.parametrize("field, value", [("mode", "depth"), ("point_features", "pointnet"), ("coreset_ratio", 0.0)])
+@pytest.mark.parametrize(
+    "field, value", [("mode", "depth"), ("point_features", "pointnet"), ("coreset_ratio", 0.0), ("image_fusion", "mean")]
+)
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=str(value)):
         MultimodalConfig(**{field: value})
+
+
+def test_map_max_image_fusion_scores_and_reloads(scan_root, test_samples, tmp_path):
+    config = MultimodalConfig(
+        image_size=(112, 112), cloud_size=(112, 112), feature_grid=(14, 14), coreset_ratio=0.5, fusion_epochs=1,
+        image_fusion="map_max",
+    )
+    detector = MultimodalDetector(config).fit(
+        data_io.discover(scan_root, "train")[:4], data_io.discover(scan_root, "validation"), progress=False
+    )
+    assert detector.image_fusion_ is None
+
+    scores, _ = detector.score_modes(test_samples[:2])["rgb+xyz"]
+    reloaded = MultimodalDetector.load(detector.save(tmp_path / "model"))
+
+    np.testing.assert_allclose(reloaded.score_modes(test_samples[:2])["rgb+xyz"][0], scores, rtol=1e-6)
