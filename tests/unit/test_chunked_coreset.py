@@ -90,7 +90,7 @@ def test_rows_of_another_width_raise():
 def test_fit_small_chunks_bank_size(tire_root):
     train = [s.image_path for s in data_io.discover(tire_root, "train")][:6]
     validation = [s.image_path for s in data_io.discover(tire_root, "validation")][:2]
-    config = DetectorConfig(coreset_ratio=0.1, coreset_chunk_rows=1000)
+    config = DetectorConfig(backbone="dinov2_vits14", coreset_ratio=0.1, coreset_chunk_rows=1000)
 
     detector = PatchCoreDetector(config).fit(train, validation, progress=False)
 

@@ -114,7 +114,7 @@ def test_fit_over_memory_budget_says_what_to_change(tire_root, tmp_path, capsys)
     # 4 images x 16x16 patches x 384 dims: a 0.5 coreset is 512 rows = 0.375 MiB in fp16,
     # plus a 100-row chunk buffer of 0.12 MiB; a 0.3 MiB budget cannot hold both.
     code = main([
-        "fit", str(train), "--model-dir", str(tmp_path / "model"), "--image-size", "224",
+        "fit", str(train), "--model-dir", str(tmp_path / "model"), "--backbone", "dinov2_vits14", "--image-size", "224",
         "--coreset-ratio", "0.5", "--coreset-chunk-rows", "100", "--memory-budget-mb", "0.3",
     ])
 

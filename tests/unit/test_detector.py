@@ -109,4 +109,4 @@ def test_load_missing_model_dir_explains_fix(tmp_path):
 
 def test_invalid_image_size_rejected():
     with pytest.raises(ValueError, match="multiples of 14"):
-        DetectorConfig(image_size=(225, 224))
+        DetectorConfig(backbone="dinov2_vits14", image_size=(225, 224))

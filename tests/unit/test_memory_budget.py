@@ -13,7 +13,7 @@ MIB = 2**20
 
 def test_estimate_matches_hand_computed_bytes():
     # 336 / 14 = 24 -> 576 patches per image; 200 images -> 115200 patches; 10 % -> 11520 bank rows.
-    config = DetectorConfig(coreset_ratio=0.1, coreset_chunk_rows=20_000)
+    config = DetectorConfig(backbone="dinov2_vits14", coreset_ratio=0.1, coreset_chunk_rows=20_000)
 
     estimate = estimate_fit_memory(config, 200)
 
@@ -26,7 +26,7 @@ def test_estimate_matches_hand_computed_bytes():
 
 
 def test_estimate_counts_the_feature_grid_and_layers():
-    config = DetectorConfig(feature_grid=(10, 12), layers=(5, 8), coreset_ratio=0.5)
+    config = DetectorConfig(backbone="dinov2_vits14", feature_grid=(10, 12), layers=(5, 8), coreset_ratio=0.5)
 
     estimate = estimate_fit_memory(config, 3)
 
@@ -37,7 +37,7 @@ def test_estimate_counts_the_feature_grid_and_layers():
 
 
 def test_budget_rejection_message_gives_ratio():
-    config = DetectorConfig(coreset_ratio=0.1, coreset_chunk_rows=20_000, memory_budget_mb=30)
+    config = DetectorConfig(backbone="dinov2_vits14", coreset_ratio=0.1, coreset_chunk_rows=20_000, memory_budget_mb=30)
 
     with pytest.raises(ValueError) as caught:
         check_memory_budget(config, 200)
@@ -53,7 +53,7 @@ def test_budget_rejection_message_gives_ratio():
 
 
 def test_suggested_ratio_passes_the_check():
-    config = DetectorConfig(coreset_ratio=0.0661, coreset_chunk_rows=20_000, memory_budget_mb=30)
+    config = DetectorConfig(backbone="dinov2_vits14", coreset_ratio=0.0661, coreset_chunk_rows=20_000, memory_budget_mb=30)
 
     estimate = check_memory_budget(config, 200)
 
@@ -64,7 +64,7 @@ def test_suggested_ratio_passes_the_check():
 
 def test_budget_below_the_chunk_buffer_suggests_smaller_chunks():
     # Default 200000-row chunks hold all 115200 patches: 147456000 bytes, over 100 MiB alone.
-    config = DetectorConfig(memory_budget_mb=100)
+    config = DetectorConfig(backbone="dinov2_vits14", memory_budget_mb=100)
 
     with pytest.raises(ValueError) as caught:
         check_memory_budget(config, 200)
@@ -73,11 +73,11 @@ def test_budget_below_the_chunk_buffer_suggests_smaller_chunks():
     message = str(caught.value)
     assert "lower coreset_chunk_rows to 75008" in message
     assert "coreset_ratio to" not in message
-    check_memory_budget(DetectorConfig(memory_budget_mb=100, coreset_chunk_rows=75_008), 200)
+    check_memory_budget(DetectorConfig(backbone="dinov2_vits14", memory_budget_mb=100, coreset_chunk_rows=75_008), 200)
 
 
 def test_no_budget_skips_the_check():
-    estimate = check_memory_budget(DetectorConfig(), 10_000)
+    estimate = check_memory_budget(DetectorConfig(backbone="dinov2_vits14"), 10_000)
 
     assert estimate.total_patches == 5_760_000
 
@@ -103,7 +103,7 @@ def test_estimate_without_geometry_of_other_backbone_raises():
 def test_fit_rejects_over_budget_before_reading_images():
     # 6 images x 576 = 3456 patches: bank 346 x 768 + chunk 3456 x 1280 = 4689408 bytes = 4.5 MiB.
     # The image paths do not exist, so reading any of them would raise DataError instead.
-    detector = PatchCoreDetector(DetectorConfig(memory_budget_mb=1))
+    detector = PatchCoreDetector(DetectorConfig(backbone="dinov2_vits14", memory_budget_mb=1))
 
     with pytest.raises(ValueError, match=r"estimated 4\.5 MiB .* exceeds memory_budget_mb 1"):
         detector.fit([f"missing-{i}.png" for i in range(6)], progress=False)
