@@ -102,6 +102,13 @@ def measure_pipeline(data_root: Path, frames: int) -> dict:
             services.down(settings)
 
 
+def feature_source(config: dict) -> str:
+    """Name the layers a saved model's features come from, for the report line."""
+    if config["backbone"] == "efficientnet_lite0":
+        return "EfficientNet-Lite0 stages 2 and 4"
+    return f"ViT blocks {config['layers']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=58, help="frames to score and to stream (default: 58)")
@@ -123,7 +130,7 @@ def main() -> None:
     section = f"""
 ## Detector and pipeline, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
 
-Command: `{command.strip()}`. Machine: {machine}. Model: `{detector['model_version']}` (input {config['image_size'][0]}x{config['image_size'][1]}, ViT blocks {config['layers']}).
+Command: `{command.strip()}`. Machine: {machine}. Model: `{detector['model_version']}` (input {config['image_size'][0]}x{config['image_size'][1]}, {feature_source(config)}).
 
 | measure | value |
 |---|---|
