@@ -10,9 +10,9 @@ POINT_FEATURES = ("fpfh", "point_mae")
 
 @dataclasses.dataclass
 class MultimodalConfig:
-    """Settings of :class:`~qcstream.models.multimodal.MultimodalDetector`; saved with the model.
+    """Settings of :class:`~qcstream.models.multimodal.MultimodalDetector`, saved with the model.
 
-    The RGB side reuses the backbones of the RGB detector; the point side uses
+    The RGB side reuses the backbones of the RGB detector. The point side uses
     FPFH descriptors (no weights) or a Point-MAE encoder loaded from a checkpoint.
     """
 
@@ -58,8 +58,10 @@ class MultimodalConfig:
     #: vector per validation frame, so "map_max" can be the better choice when there
     #: are only a few validation frames.
     image_fusion: str = "svm"
-    #: Validation patches sampled for the patch-score fusion.
-    pixel_fusion_samples: int = 20_000
+    #: Validation patch score vectors the patch-score SVM is fitted on (a seeded
+    #: sample). Scoring cost grows with it, because an RBF fit keeps at least half
+    #: of them as support vectors.
+    patch_fusion_samples: int = 10_000
     blur_sigma: float = 4.0
     target_fpr: float = 0.05
     batch_size: int = 8

@@ -93,10 +93,31 @@ def _delete_topics_and_buckets(settings: Settings) -> None:
 @pytest.fixture(scope="session")
 def kafka_settings(live_services: Settings, cleanup_streams, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """Settings for the running services with topics, buckets and data folder unique to this session."""
+    settings = with_own_streams(live_services, tmp_path_factory.mktemp("qcstream-data"))
+    cleanup_streams(settings)
+    return settings
+
+
+@pytest.fixture
+def pipeline_settings(kafka_settings: Settings, tmp_path: Path, cleanup_streams):
+    """Return a function that makes settings with this test's own group, topics, buckets, data folder and port."""
+
+    def make(model_dir: Path) -> Settings:
+        settings = with_own_streams(
+            kafka_settings, tmp_path / "data", model_dir=Path(model_dir), sink_batch_size=50, sink_batch_seconds=1.0
+        )
+        cleanup_streams(settings)
+        return settings
+
+    return make
+
+
+def with_own_streams(base: Settings, data_dir: Path, **changes) -> Settings:
+    """Return ``base`` with new topics, buckets, consumer group, web port and ``data_dir``, plus ``changes``."""
     suffix = uuid.uuid4().hex[:8]
-    settings = dataclasses.replace(
-        live_services,
-        data_dir=tmp_path_factory.mktemp("qcstream-data"),
+    return dataclasses.replace(
+        base,
+        data_dir=data_dir,
         topic_frames=f"frames-{suffix}",
         topic_results=f"results-{suffix}",
         topic_defects=f"defects-{suffix}",
@@ -106,9 +127,8 @@ def kafka_settings(live_services: Settings, cleanup_streams, tmp_path_factory: p
         bucket_maps=f"anomaly-maps-{suffix}",
         app_id=f"qcstream-test-{suffix}",
         worker_web_port=_free_port(),
+        **changes,
     )
-    cleanup_streams(settings)
-    return settings
 
 
 @pytest.fixture(scope="session")

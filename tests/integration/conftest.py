@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,12 +18,6 @@ from qcstream.settings import ENV_PREFIX, Settings
 
 #: Upper bound for the whole pipeline to deliver (model loading, group join, scoring on CPU).
 DEADLINE_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def worker_command() -> list[str]:
@@ -50,34 +41,6 @@ def worker_env(settings: Settings) -> dict[str, str]:
 def log_tail(log_path: Path, lines: int = 60) -> str:
     text = Path(log_path).read_text(errors="replace").splitlines()
     return "worker log (last lines):\n" + "\n".join(text[-lines:])
-
-
-@pytest.fixture
-def pipeline_settings(kafka_settings: Settings, tmp_path: Path, cleanup_streams):
-    """Return a function that makes settings with this test's own group, topics, buckets, data folder and port."""
-
-    def make(model_dir: Path) -> Settings:
-        run = uuid.uuid4().hex[:8]
-        settings = dataclasses.replace(
-            kafka_settings,
-            data_dir=tmp_path / "data",
-            model_dir=Path(model_dir),
-            topic_frames=f"frames-{run}",
-            topic_results=f"results-{run}",
-            topic_defects=f"defects-{run}",
-            topic_labels=f"labels-{run}",
-            topic_dead_letter=f"dead-letter-{run}",
-            bucket_frames=f"frames-{run}",
-            bucket_maps=f"maps-{run}",
-            app_id=f"qcstream-test-{run}",
-            worker_web_port=free_port(),
-            sink_batch_size=50,
-            sink_batch_seconds=1.0,
-        )
-        cleanup_streams(settings)
-        return settings
-
-    return make
 
 
 @pytest.fixture
