@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/bench_multimodal.py --parts ring,plate,bagel --output /tmp/qcstream-scans
 
-For each part type the script writes a generated data set (unless it exists),
-fits one "rgb+xyz" model (RGB, point and fused memory banks with decision
-fusion), scores the whole test split once in every mode, and prints image
-AUROC, pixel AUROC and AUPRO up to 30% FPR per mode, over all defects and per
-defect modality (3D-only, colour-only, both). ms per frame is the median of
+For each part type the script writes a generated data set (unless it exists) and
+fits one "rgb+xyz" model: RGB, point and fused memory banks with decision fusion.
+It scores the whole test split once in every mode. For each mode it prints image
+AUROC, pixel AUROC and AUPRO up to 30% FPR, over all defects and per defect
+modality (3D-only, colour-only, both). ms per frame is the median of
 ``predict`` over ``--timed-frames`` test frames, after one warm-up call, in the
 fused mode and RGB-only (the frame sent without its cloud). Peak RSS is the
 whole process's ``ru_maxrss`` at the end.

@@ -5,8 +5,8 @@
 For each generated part type (224 x 224, FPFH point features, written to
 ``--output`` when missing), one "rgb+xyz" model is fitted. The three memory banks'
 image and patch scores of the validation and test frames are then fused by each
-rule below, and each rule's image AUROC, pixel AUROC and AUPRO up to 30% FPR are
-printed, over all defects and per defect modality (3D-only, colour-only, both):
+rule below. For each rule the script prints image AUROC, pixel AUROC and AUPRO up
+to 30% FPR, over all defects and per defect modality (3D-only, colour-only, both):
 
 - each bank alone (RGB, points, fused features);
 - patch fusion by a linear or an RBF one-class SVM, with the image score taken as

@@ -101,12 +101,13 @@ def run_one(data: Path, config: DetectorConfig) -> dict:
 
 
 def format_row(row: dict) -> str:
-    dev, held = row["developer"], row["held_out"]
+    developer, held_out = row["developer"], row["held_out"]
     layers = ",".join(map(str, row["layers"])) if row["backbone"] != "efficientnet_lite0" else "stages 2,4"
     return (
         f"| {row['backbone']} | {row['image_size'][0]} | {layers} "
-        f"| {dev['image_auroc']:.3f} | {dev['pixel_auroc']:.3f} | {dev['aupro']:.3f} | {row['developer_mean']:.3f} "
-        f"| {held['image_auroc']:.3f} | {held['pixel_auroc']:.3f} | {held['aupro']:.3f} | {row['fit_seconds']:.0f} |"
+        f"| {developer['image_auroc']:.3f} | {developer['pixel_auroc']:.3f} | {developer['aupro']:.3f} "
+        f"| {row['developer_mean']:.3f} "
+        f"| {held_out['image_auroc']:.3f} | {held_out['pixel_auroc']:.3f} | {held_out['aupro']:.3f} | {row['fit_seconds']:.0f} |"
     )
 
 

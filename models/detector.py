@@ -321,7 +321,7 @@ def build_extractor(
 
 
 def load_detector(model_dir: str | Path):
-    """Load the detector saved in ``model_dir``: RGB-only or multimodal, as its config.json says."""
+    """Load the detector saved in ``model_dir``: RGB-only or multimodal, as named in its config.json."""
     config_path = Path(model_dir) / CONFIG_FILE
     if config_path.is_file() and json.loads(config_path.read_text()).get("kind") == "m3dm":
         from qcstream.models.multimodal import MultimodalDetector

@@ -1,10 +1,10 @@
 """Point-cloud patch features on the RGB feature grid.
 
 One organized cloud ``(H, W, 3)`` becomes a ``(C, h, w)`` feature grid in four
-steps: the background plane is removed (RANSAC), the cloud is resized by nearest
-neighbour, point features are computed (FPFH per point, or Point-MAE per group of
-points), and the features are aligned to the grid by writing them back to their
-pixels and pooling each grid cell (see :mod:`qcstream.models.alignment`).
+steps. The background plane is removed (RANSAC) and the cloud is resized by
+nearest neighbour. Point features are computed: FPFH per point, or Point-MAE per
+group of points. Finally the features are written back to their pixels and pooled
+per grid cell (see :mod:`qcstream.models.alignment`).
 """
 
 from __future__ import annotations

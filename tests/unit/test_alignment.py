@@ -294,7 +294,7 @@ def test_align_per_point_features():
     torch.testing.assert_close(as_own_centers, features, rtol=0, atol=0)
 
 
-def test_align_per_point_features_need_one_row_per_point():
+def test_align_per_point_row_count():
     xyz, points, pixel_index, _, _ = random_cloud(10)
 
     with pytest.raises(ValueError, match=rf"{len(points) - 1} rows but there are {len(points)} points"):

@@ -187,7 +187,7 @@ def test_rbf_scores_below_normal_do_not_look_anomalous():
     assert fusion.score(far_above)[0] > fusion.score(mean)[0]
 
 
-def test_linear_score_is_sklearn_score_samples_on_scaled_scores():
+def test_linear_score_matches_sklearn():
     train = normal_scores(300, seed=4)
     queries, _ = mixed_test_set(seed=14)
     fusion = ScoreFusion(nu=0.3, max_samples=None).fit(train)
@@ -198,7 +198,7 @@ def test_linear_score_is_sklearn_score_samples_on_scaled_scores():
     np.testing.assert_allclose(fusion.score(queries), reference.score_samples(queries / train.std(axis=0)), rtol=1e-9)
 
 
-def test_linear_score_rises_with_every_bank_and_never_saturates():
+def test_linear_score_rises_without_saturating():
     fusion = ScoreFusion().fit(normal_scores(300, seed=5))
     base = normal_scores(1, seed=15)
 
