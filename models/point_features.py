@@ -73,7 +73,8 @@ class PointFeatureExtractor:
         descriptors = torch.from_numpy(np.asarray(fpfh_features(cloud, spacing=spacing), dtype=np.float32))
         return align_point_features(None, descriptors, points, pixel_index, self.config.cloud_size, self.config.feature_grid)
 
-    def _point_mae(self, points: torch.Tensor, pixel_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encoder_points(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalized cloud and the subsample of at most ``point_mae_points`` the encoder sees."""
         from qcstream.models.point_pretrain import normalize_cloud
 
         normalized = torch.as_tensor(normalize_cloud(points.numpy()), dtype=torch.float32)
@@ -82,6 +83,15 @@ class PointFeatureExtractor:
             generator = torch.Generator().manual_seed(self.config.seed)
             chosen = torch.randperm(normalized.shape[0], generator=generator)[: self.config.point_mae_points]
             encoded = normalized[chosen.sort().values]
+        return normalized, encoded
+
+    def encoder_input(self, xyz: np.ndarray) -> torch.Tensor:
+        """The ``(1, N, 3)`` points the Point-MAE encoder sees for organized cloud ``xyz``."""
+        points, _ = organized_points(self.prepare_cloud(xyz))
+        return self._encoder_points(points)[1][None]
+
+    def _point_mae(self, points: torch.Tensor, pixel_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normalized, encoded = self._encoder_points(points)
         centers, features = self.encoder(encoded[None])
         return align_point_features(
             centers[0], features[0], normalized, pixel_index, self.config.cloud_size, self.config.feature_grid, k=3

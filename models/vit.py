@@ -3,13 +3,15 @@
 The parts follow the DINO / DINOv2 ViT design: patch embedding by a strided
 convolution, a class token, learned position embeddings, pre-norm blocks with
 optional layer scale. Layer classes (``norm_layer``, ``act_layer``, ``attn_layer``,
-``mlp_layer``) are passed in, so quantized or prunable variants substitute for the
-float parts instead of forking this file.
+``mlp_layer``, and the ``linear_layer`` and ``softmax_layer`` inside them) are
+passed in, so quantized or prunable variants substitute for the float parts
+instead of forking this file.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -41,17 +43,24 @@ class Attention(nn.Module):
     slicing rows, and match the DINOv2 checkpoints in Hugging Face layout.
     """
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        linear_layer: Callable[[int, int], nn.Module] = nn.Linear,
+        softmax_layer: Callable[[], nn.Module] = partial(nn.Softmax, dim=-1),
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim or dim // num_heads
         inner_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.query = nn.Linear(dim, inner_dim)
-        self.key = nn.Linear(dim, inner_dim)
-        self.value = nn.Linear(dim, inner_dim)
-        self.proj = nn.Linear(inner_dim, dim)
-        self.attn_softmax: Callable[[torch.Tensor], torch.Tensor] = nn.Softmax(dim=-1)
+        self.query = linear_layer(dim, inner_dim)
+        self.key = linear_layer(dim, inner_dim)
+        self.value = linear_layer(dim, inner_dim)
+        self.proj = linear_layer(inner_dim, dim)
+        self.attn_softmax = softmax_layer()
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
@@ -74,11 +83,17 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """Two-layer feed-forward network: ``fc1 -> act -> fc2``."""
 
-    def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        act_layer: type[nn.Module] = nn.GELU,
+        linear_layer: Callable[[int, int], nn.Module] = nn.Linear,
+    ) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = linear_layer(dim, hidden_dim)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = linear_layer(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)

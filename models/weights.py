@@ -223,8 +223,12 @@ def infer_vit_architecture(state: dict[str, torch.Tensor]) -> ViTArchitecture:
     )
 
 
-def build_vit(arch: ViTArchitecture, img_size: tuple[int, int]) -> VisionTransformer:
-    """Build an untrained ViT of ``arch`` whose position embeddings fit ``img_size``."""
+def build_vit(arch: ViTArchitecture, img_size: tuple[int, int], **layers) -> VisionTransformer:
+    """Build an untrained ViT of ``arch`` whose position embeddings fit ``img_size``.
+
+    ``layers`` are layer classes for :class:`VisionTransformer` (``norm_layer``,
+    ``attn_layer``, ``mlp_layer``...), for example quantized ones.
+    """
     if img_size[0] % arch.patch_size or img_size[1] % arch.patch_size:
         raise ValueError(f"image_size {tuple(img_size)} must be multiples of the checkpoint's patch size {arch.patch_size}")
     return VisionTransformer(
@@ -235,6 +239,7 @@ def build_vit(arch: ViTArchitecture, img_size: tuple[int, int]) -> VisionTransfo
         num_heads=arch.num_heads,
         mlp_ratio=arch.mlp_ratio,
         layer_scale=1e-5 if arch.layer_scale else None,
+        **layers,
     )
 
 

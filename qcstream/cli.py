@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from qcstream.cli_compress import add_compress_command
 from qcstream.cli_points import add_point_commands
 from qcstream.settings import Settings
 
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_point_commands(commands)
+    add_compress_command(commands)
     return parser
 
 

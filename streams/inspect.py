@@ -228,7 +228,11 @@ def register_inspect_agent(app: faust.App, topics: Any, inspector: FrameInspecto
     """Add the ``inspect`` agent, reading ``topics.frames``, to ``app``."""
 
     async def inspect(stream: faust.StreamT) -> None:
-        logger.info("inspect agent started with model version %s", inspector.detector.version)
+        detector = inspector.detector
+        forms = [getattr(detector, "backbone_form", "torch-fp32")]
+        if getattr(detector, "reads_point_clouds", False) and detector.config.uses_points:
+            forms.append(f"point encoder {detector.point_encoder_form}")
+        logger.info("inspect agent started with model version %s (backbone %s)", detector.version, ", ".join(forms))
         async for event in stream.events():
             outcome = await inspector.handle(event.key, event.value)
             try:

@@ -1,0 +1,190 @@
+"""Compress a fitted model's transformer and refit the model around it.
+
+Two kinds of result:
+
+- simulated quantization (``quantize`` set): the backbone stays a torch model
+  whose layers round weights and activations as integer kernels would; it
+  measures accuracy, not speed (backbone form ``torch-simq``);
+- a deployable ONNX Runtime graph (``export`` set): ``onnx-fp32``,
+  ``onnx-int8`` (static QDQ, calibrated) or ``onnx-int4`` (MatMulNBits).
+
+Either way the memory banks, score fusion and threshold are fitted again on the
+compressed features, because the features shift with the backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from qcstream.models import data as data_io
+from qcstream.models.detector import PatchCoreDetector
+from qcstream.models.features import PatchFeatureExtractor, preprocess
+from qcstream.models.onnx_export import ONNX_FORMS, quantize_int4, quantize_int8
+from qcstream.models.quantization import QuantSpec, build_quantized, calibrate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CompressionPlan:
+    """What to do to the transformer; exactly one of ``quantize`` and ``export`` is set."""
+
+    #: Simulated quantization method: a calibrator name or "ptf-log2".
+    quantize: str | None = None
+    weight_bits: int = 8
+    #: Calibrator of the Linear inputs for "ptf-log2".
+    calibrator: str = "minmax"
+    #: Deployable form: "onnx-fp32", "onnx-int8" or "onnx-int4".
+    export: str | None = None
+    calibration_frames: int = 64
+    int4_block_size: int = 32
+
+    def __post_init__(self) -> None:
+        if (self.quantize is None) == (self.export is None):
+            raise ValueError("give either a simulated quantization method (--quantize) or a deployable form (--export), not both or neither")
+        if self.export is not None and self.export not in ONNX_FORMS:
+            raise ValueError(f"unknown form {self.export!r}; choose one of {', '.join(ONNX_FORMS)}")
+        if self.calibration_frames < 1:
+            raise ValueError(f"calibration_frames is {self.calibration_frames}; calibration needs at least 1 normal frame")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec.for_method(self.quantize, self.weight_bits, self.calibrator)
+
+    @property
+    def form(self) -> str:
+        return self.export or "torch-simq"
+
+
+def calibration_subset(items: Sequence, count: int) -> list:
+    """``count`` items spread evenly over ``items`` (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    picks = np.linspace(0, len(items) - 1, count).round().astype(int)
+    return [items[i] for i in picks]
+
+
+def compress_rgb(
+    detector: PatchCoreDetector,
+    plan: CompressionPlan,
+    train_images: Sequence,
+    validation_images: Sequence,
+    output_dir: str | Path,
+    progress: bool = True,
+) -> PatchCoreDetector:
+    """Compress the backbone of a fitted RGB detector, refit it, and save it to ``output_dir``."""
+    if detector.backbone_form != "torch-fp32":
+        raise ValueError(f"the model's backbone is already {detector.backbone_form}; compress the float model it came from")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    extractor = detector.extractor
+    size = detector.config.image_size
+    calibration_images = calibration_subset(list(train_images), plan.calibration_frames)
+
+    def calibration_batches():
+        for start in range(0, len(calibration_images), detector.config.batch_size):
+            chunk = calibration_images[start : start + detector.config.batch_size]
+            yield preprocess([data_io.load_rgb(path) if not isinstance(path, np.ndarray) else path for path in chunk], size)
+
+    batch_count = -(-len(calibration_images) // detector.config.batch_size)
+    if plan.quantize is not None:
+        if not isinstance(extractor, PatchFeatureExtractor):
+            raise ValueError(f"simulated quantization needs a ViT backbone; this model uses {detector.config.backbone}")
+        backbone = build_quantized(extractor.backbone, plan.spec)
+        compressed = PatchFeatureExtractor(backbone, extractor.layers, extractor.feature_grid).eval()
+        logger.info("Calibrating %s on %d normal frames", plan.spec.label, len(calibration_images))
+        calibrate(backbone, compressed, calibration_batches(), total=batch_count, progress=progress)
+        quantization = dataclasses.asdict(plan.spec)
+    else:
+        compressed = _export_rgb(extractor, size, plan, output_dir, calibration_batches(), batch_count, progress)
+        quantization = None
+
+    result = PatchCoreDetector(detector.config)
+    result._extractor = compressed
+    result.backbone_form = plan.form
+    result.quantization = quantization
+    return _refit_and_save(result, detector.version, train_images, validation_images, output_dir, progress)
+
+
+def _export_rgb(extractor, size, plan: CompressionPlan, output_dir: Path, batches, batch_count: int, progress: bool):
+    from qcstream.models.onnx_backbones import OnnxFeatureExtractor, export_feature_extractor
+
+    target = output_dir / "backbone.onnx"
+    inputs = ({"images": batch.numpy()} for batch in batches)
+    _write_onnx(lambda path: export_feature_extractor(extractor, size, path), plan, target, inputs, batch_count, progress)
+    return OnnxFeatureExtractor(target, extractor.feature_grid, extractor.feature_dim)
+
+
+def compress_points(detector, plan: CompressionPlan, train: Sequence, validation: Sequence, output_dir: str | Path, progress: bool = True):
+    """Compress the Point-MAE encoder of a fitted multimodal detector, refit it, and save it."""
+    from qcstream.models.multimodal import MultimodalDetector
+    from qcstream.models.point_features import PointFeatureExtractor
+
+    if detector.config.point_features != "point_mae" or not detector.config.uses_points:
+        raise ValueError("the model has no point transformer to compress: fit it with --point-features point_mae and a mode that uses xyz")
+    if detector.point_encoder_form != "torch-fp32":
+        raise ValueError(f"the model's point encoder is already {detector.point_encoder_form}; compress the float model it came from")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    extractor = detector.point_extractor
+    clouds = [data_io.load_xyz(sample.xyz_path) for sample in calibration_subset(list(train), plan.calibration_frames)]
+
+    if plan.quantize is not None:
+        encoder = build_quantized(extractor.encoder, plan.spec)
+        quantized_extractor = PointFeatureExtractor(detector.config, encoder)
+        logger.info("Calibrating %s on %d normal clouds", plan.spec.label, len(clouds))
+        calibrate(encoder, quantized_extractor, clouds, total=len(clouds), progress=progress)
+        quantization = dataclasses.asdict(plan.spec)
+    else:
+        encoder = _export_points(extractor, plan, output_dir, clouds, progress)
+        quantization = None
+
+    result = MultimodalDetector(detector.config, point_encoder=encoder)
+    result._rgb_extractor = detector._rgb_extractor
+    result.backbone_form, result.quantization = detector.backbone_form, detector.quantization
+    result.point_encoder_form = plan.form
+    result.point_quantization = quantization
+    return _refit_and_save(result, detector.version, train, validation, output_dir, progress)
+
+
+def _export_points(extractor, plan: CompressionPlan, output_dir: Path, clouds: list[np.ndarray], progress: bool):
+    from qcstream.models.onnx_backbones import OnnxPointEncoder, export_point_encoder
+    from qcstream.models.point_ops import group_points
+
+    encoder = extractor.encoder
+    target = output_dir / "point_encoder.onnx"
+
+    def batches():
+        for xyz in clouds:
+            neighborhoods, centers = group_points(extractor.encoder_input(xyz), encoder.num_groups, encoder.group_size)
+            yield {"neighborhoods": neighborhoods.numpy(), "centers": centers.numpy()}
+
+    _write_onnx(lambda path: export_point_encoder(encoder, path), plan, target, batches(), len(clouds), progress)
+    return OnnxPointEncoder(target, encoder.num_groups, encoder.group_size, encoder.feature_dim)
+
+
+def _write_onnx(export: Callable[[Path], Path], plan: CompressionPlan, target: Path, calibration: Iterable[dict], total: int, progress: bool) -> None:
+    """Export the float graph with ``export(path)`` and write ``plan.export`` of it to ``target``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32 = export(Path(scratch) / "fp32.onnx")
+        if plan.export == "onnx-int8":
+            quantize_int8(fp32, target, calibration, progress, total)
+        elif plan.export == "onnx-int4":
+            quantize_int4(fp32, target, plan.int4_block_size)
+        else:
+            target.write_bytes(fp32.read_bytes())
+
+
+def _refit_and_save(result, source_version: str, train: Sequence, validation: Sequence, output_dir: Path, progress: bool):
+    """Fit ``result``'s banks and threshold on the compressed features and save it."""
+    result.fit(train, validation, progress=progress)
+    result.fit_info_["compressed_from"] = source_version
+    result.save(output_dir)
+    return result
