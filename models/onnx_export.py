@@ -22,9 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from qcstream.models.compression_options import ONNX_FORMS
+
 logger = logging.getLogger(__name__)
 
-ONNX_FORMS = ("onnx-fp32", "onnx-int8", "onnx-int4")
+__all__ = ["ONNX_FORMS", "export_onnx", "inference_session", "quantize_int4", "quantize_int8"]
+
 OPSET = 17
 
 

@@ -51,8 +51,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def add_compress_command(commands) -> None:
-    from qcstream.models.onnx_export import ONNX_FORMS
-    from qcstream.models.quantization import CALIBRATORS, METHODS
+    from qcstream.models.compression_options import CALIBRATORS, METHODS, ONNX_FORMS
 
     compress = commands.add_parser("compress", help="quantize the model's transformer (simulated, or as an ONNX Runtime graph) and refit")
     compress.add_argument("train_folder", help="the good training images the model was fitted on; a sample calibrates the quantizers and all rebuild the memory bank")

@@ -14,12 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcstream.models.quantization.observers import CALIBRATORS
+from qcstream.models.compression_options import CALIBRATORS, METHODS  # noqa: F401 - METHODS is re-exported
 from qcstream.models.quantization.quantizers import ActQuantizer, PowerOfTwoFactorQuantizer, log2_quantize, quantize_weight_per_channel
 from qcstream.models.vit import Attention, Mlp
-
-#: ``--quantize`` methods: one per calibrator (everything uniform), and ``ptf-log2``.
-METHODS = CALIBRATORS + ("ptf-log2",)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-CALIBRATORS = ("minmax", "ema", "percentile", "omse")
+from qcstream.models.compression_options import CALIBRATORS
+
+__all__ = ["CALIBRATORS", "ChannelMinMaxObserver", "EmaObserver", "MinMaxObserver", "OmseObserver", "PercentileObserver", "make_observer"]
 
 
 class RangeObserver:
