@@ -81,7 +81,8 @@ def compress_rgb(
 ) -> PatchCoreDetector:
     """Compress the backbone of a fitted RGB detector, refit it, and save it to ``output_dir``."""
     if detector.backbone_form != "torch-fp32":
-        raise ValueError(f"the model's backbone is already {detector.backbone_form}; compress the float model it came from")
+        source = detector.fit_info_.get("compressed_from", "unknown")
+        raise ValueError(f"the model's backbone is already {detector.backbone_form}; compress the float model it came from (version {source})")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     extractor = detector.extractor
@@ -130,7 +131,8 @@ def compress_points(detector, plan: CompressionPlan, train: Sequence, validation
     if detector.config.point_features != "point_mae" or not detector.config.uses_points:
         raise ValueError("the model has no point transformer to compress: fit it with --point-features point_mae and a mode that uses xyz")
     if detector.point_encoder_form != "torch-fp32":
-        raise ValueError(f"the model's point encoder is already {detector.point_encoder_form}; compress the float model it came from")
+        source = detector.fit_info_.get("compressed_from", "unknown")
+        raise ValueError(f"the model's point encoder is already {detector.point_encoder_form}; compress the float model it came from (version {source})")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     extractor = detector.point_extractor

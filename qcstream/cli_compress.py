@@ -36,7 +36,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     detector = load_detector(model_dir)
     train = data_io.discover(args.train_folder, "train")
     validation = data_io.discover(validation_folder, "validation")
-    what = plan.spec.label if plan.quantize else plan.export
+    what = plan.spec.label if plan.quantize else "ONNX Runtime"
     if getattr(detector, "reads_point_clouds", False):
         logger.info("Compressing the point transformer of %s to %s", model_dir, what)
         result = compress_points(detector, plan, train, validation, args.output)
@@ -58,10 +58,11 @@ def add_compress_command(commands) -> None:
     compress.add_argument("--output", type=Path, required=True, help="folder for the compressed model (a new model directory)")
     compress.add_argument("--model-dir", type=Path, help="fitted float model to compress (default: $QCSTREAM_MODEL_DIR)")
     compress.add_argument("--validation", help="held-out good images for the threshold (default: <root>/validation/good when it exists)")
-    compress.add_argument("--quantize", choices=list(METHODS), help="simulated quantization, to measure accuracy: one calibrator for every activation, or ptf-log2 (power-of-two factor LayerNorm inputs, 4-bit log2 softmax)")
-    compress.add_argument("--weight-bits", type=int, choices=[8, 4], default=8, help="bits of the Linear weights, per output channel, for --quantize (default: 8)")
-    compress.add_argument("--calibrator", choices=list(CALIBRATORS), default="minmax", help="range calibrator of the Linear inputs for --quantize ptf-log2 (default: minmax)")
-    compress.add_argument("--export", choices=list(ONNX_FORMS), help="deployable ONNX Runtime form, to measure and gain speed: float, int8 static QDQ, or 4-bit MatMulNBits weights")
+    form = compress.add_mutually_exclusive_group(required=True)
+    form.add_argument("--quantize", choices=list(METHODS), help="simulated quantization, to measure accuracy: one calibrator for every activation, or ptf-log2 (power-of-two factor LayerNorm inputs, 4-bit log2 softmax)")
+    compress.add_argument("--weight-bits", type=int, choices=[8, 4], default=8, help="bits of the Linear weights, per output channel; --quantize only, --export int4 sets its own (default: 8)")
+    compress.add_argument("--calibrator", choices=list(CALIBRATORS), default="minmax", help="range calibrator of the Linear inputs; --quantize ptf-log2 only, the other methods are calibrators themselves (default: minmax)")
+    form.add_argument("--export", choices=list(ONNX_FORMS), help="deployable ONNX Runtime form, to measure and gain speed: float, int8 static QDQ, or 4-bit MatMulNBits weights")
     compress.add_argument("--calibration-frames", type=int, default=64, help="normal frames that calibrate activation ranges, spread evenly over the training frames (default: 64)")
     compress.add_argument("--block-size", type=int, default=32, help="weights per 4-bit block for --export onnx-int4 (default: 32)")
     compress.set_defaults(func=cmd_compress)

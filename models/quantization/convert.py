@@ -76,5 +76,8 @@ def calibrate(model: nn.Module, run: Callable[[object], object], batches: Iterab
         quantizer.observer = None
         quantizer.mode = "float"
         unused += 1
-    logger.info("Calibrated %d activation quantizers on %d batches (%d unused, left float)", len(quantizers) - unused, seen, unused)
+    logger.info(
+        "Calibrated %d activation quantizers on %d batches; %d more sit in blocks after the last feature block, which never run",
+        len(quantizers) - unused, seen, unused,
+    )
     return model

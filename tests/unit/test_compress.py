@@ -93,11 +93,25 @@ def test_compress_cli_writes_a_model_the_evaluate_cli_reads(vit_model_dir, tire_
     assert json.loads((output / "config.json").read_text())["quantization"]["calibrator"] == "omse"
 
 
-def test_compress_cli_needs_exactly_one_of_quantize_and_export(vit_model_dir, tmp_path, capsys):
-    code = cli_main(["compress", str(tmp_path), "--model-dir", str(vit_model_dir), "--output", str(tmp_path / "o"), "--quantize", "minmax", "--export", "onnx-int8"])
+def test_compress_cli_rejects_both_quantize_and_export(vit_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["compress", str(tmp_path), "--model-dir", str(vit_model_dir), "--output", str(tmp_path / "o"), "--quantize", "minmax", "--export", "onnx-int8"])
 
-    assert code == 1
-    assert "either a simulated quantization method (--quantize) or a deployable form (--export)" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "argument --export: not allowed with argument --quantize" in capsys.readouterr().err
+
+
+def test_compress_cli_needs_quantize_or_export(vit_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["compress", str(tmp_path), "--model-dir", str(vit_model_dir), "--output", str(tmp_path / "o")])
+
+    assert exit_info.value.code == 2
+    assert "one of the arguments --quantize --export is required" in capsys.readouterr().err
+
+
+def test_compression_plan_needs_exactly_one_form():
+    with pytest.raises(ValueError, match="either a simulated quantization method .* or a deployable form"):
+        CompressionPlan(quantize="minmax", export="onnx-int8")
 
 
 def test_simulated_quantization_of_a_cnn_backbone_is_refused(fitted_model_dir, tire_frames, tmp_path):
@@ -108,7 +122,7 @@ def test_simulated_quantization_of_a_cnn_backbone_is_refused(fitted_model_dir, t
 def test_a_compressed_model_is_not_compressed_again(vit_model_dir, tire_frames, tmp_path):
     compress_rgb(load_detector(vit_model_dir), CompressionPlan(export="onnx-fp32"), tire_frames["train"], tire_frames["validation"], tmp_path / "a", progress=False)
 
-    with pytest.raises(ValueError, match="already onnx-fp32; compress the float model"):
+    with pytest.raises(ValueError, match="already onnx-fp32; compress the float model it came from .version dinov2_vits14-"):
         compress_rgb(load_detector(tmp_path / "a"), CompressionPlan(export="onnx-int8"), tire_frames["train"], tire_frames["validation"], tmp_path / "b")
 
 
