@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class CompressionPlan:
-    """What to do to the transformer; exactly one of ``quantize`` and ``export`` is set."""
+    """The compression to apply: exactly one of ``quantize`` and ``export`` is set."""
 
     #: Simulated quantization method: a calibrator name or "ptf-log2".
     quantize: str | None = None
