@@ -71,6 +71,12 @@ def calibration_subset(items: Sequence, count: int) -> list:
     return [items[i] for i in picks]
 
 
+def _require_float(detector, part: str, form: str) -> None:
+    if form != "torch-fp32":
+        source = detector.fit_info_.get("compressed_from", "unknown")
+        raise ValueError(f"the model's {part} is already {form}; compress the float model it came from (version {source})")
+
+
 def compress_rgb(
     detector: PatchCoreDetector,
     plan: CompressionPlan,
@@ -80,9 +86,7 @@ def compress_rgb(
     progress: bool = True,
 ) -> PatchCoreDetector:
     """Compress the backbone of a fitted RGB detector, refit it, and save it to ``output_dir``."""
-    if detector.backbone_form != "torch-fp32":
-        source = detector.fit_info_.get("compressed_from", "unknown")
-        raise ValueError(f"the model's backbone is already {detector.backbone_form}; compress the float model it came from (version {source})")
+    _require_float(detector, "backbone", detector.backbone_form)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     extractor = detector.extractor
@@ -130,9 +134,7 @@ def compress_points(detector, plan: CompressionPlan, train: Sequence, validation
 
     if detector.config.point_features != "point_mae" or not detector.config.uses_points:
         raise ValueError("the model has no point transformer to compress: fit it with --point-features point_mae and a mode that uses xyz")
-    if detector.point_encoder_form != "torch-fp32":
-        source = detector.fit_info_.get("compressed_from", "unknown")
-        raise ValueError(f"the model's point encoder is already {detector.point_encoder_form}; compress the float model it came from (version {source})")
+    _require_float(detector, "point encoder", detector.point_encoder_form)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     extractor = detector.point_extractor
