@@ -70,13 +70,21 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.weight_bits = spec.weight_bits
         self.input_quantizer = ActQuantizer(spec.act_bits, spec.calibrator)
+        self._quantized_weight: torch.Tensor | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._quantized_weight = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(x)
-        weight = self.weight
-        if self.input_quantizer.mode == "quantize":
-            weight = quantize_weight_per_channel(weight, self.weight_bits)
-        return F.linear(x, weight, self.bias)
+        if self.input_quantizer.mode != "quantize":
+            return F.linear(x, self.weight, self.bias)
+        # Post-training: the weights are fixed, so they are rounded once, not on every call.
+        if self._quantized_weight is None:
+            with torch.no_grad():
+                self._quantized_weight = quantize_weight_per_channel(self.weight, self.weight_bits)
+        return F.linear(x, self._quantized_weight, self.bias)
 
 
 class QuantLayerNorm(nn.LayerNorm):
