@@ -5,7 +5,7 @@
         --point-checkpoint point_mae_ring.pth --work /tmp/qbench-points
 
 ``rgb`` fits the RGB detector with the DINOv2 ViT-S/14 backbone on the data set's
-training split; ``points`` fits the multimodal detector in ``xyz`` mode, where the
+training split. ``points`` fits the multimodal detector in ``xyz`` mode, so the
 Point-MAE transformer is the only feature network. Each compressed model is made
 with :mod:`qcstream.models.compress` (the code behind ``qcstream compress``):
 
@@ -109,7 +109,7 @@ def backbone_file(model_dir: Path) -> Path:
 
 
 def backbone_input(detector, kind: str, frame):
-    """The backbone's input for ``frame``, prepared outside the timed call."""
+    """Prepare the backbone's input for ``frame`` outside the timed call."""
     if kind == "rgb":
         from qcstream.models.features import preprocess
 

@@ -5,7 +5,7 @@
 Refits the memory bank and threshold of a fitted RGB model with each coreset
 seed (same backbone, same training frames) and prints image AUROC, pixel AUROC
 and AUPRO on the test split for each. The spread is the resolution below which
-a compressed model's change in these metrics cannot be told from noise.
+a compressed model's change in these metrics cannot be distinguished from noise.
 """
 
 from __future__ import annotations

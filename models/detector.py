@@ -41,7 +41,7 @@ CONFIG_FILE = "config.json"
 BANK_FILE = "memory_bank.npy"
 BACKBONE_FILE = "backbone.pt"
 ONNX_BACKBONE_FILE = "backbone.onnx"
-#: How a model directory holds its backbone: float torch weights, simulated
+#: How a model directory stores its backbone: float torch weights, simulated
 #: quantization (torch weights and calibrated ranges), or an ONNX Runtime graph.
 BACKBONE_FORMS = ("torch-fp32", "torch-simq", "onnx-fp32", "onnx-int8", "onnx-int4")
 

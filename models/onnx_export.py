@@ -173,7 +173,7 @@ def store_large_weights_as_int8(model, min_elements: int = 65536) -> int:
 
 
 def inference_session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session of ``path`` with all graph optimisations."""
+    """Create an ONNX Runtime CPU session of ``path`` with all graph optimizations."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -74,7 +74,7 @@ class PointFeatureExtractor:
         return align_point_features(None, descriptors, points, pixel_index, self.config.cloud_size, self.config.feature_grid)
 
     def _encoder_points(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalized cloud and the subsample of at most ``point_mae_points`` the encoder sees."""
+        """Return the normalized cloud and the subsample of at most ``point_mae_points`` that the encoder receives."""
         from qcstream.models.point_pretrain import normalize_cloud
 
         normalized = torch.as_tensor(normalize_cloud(points.numpy()), dtype=torch.float32)
@@ -86,7 +86,7 @@ class PointFeatureExtractor:
         return normalized, encoded
 
     def encoder_input(self, xyz: np.ndarray) -> torch.Tensor:
-        """The ``(1, N, 3)`` points the Point-MAE encoder sees for organized cloud ``xyz``."""
+        """Return the ``(1, N, 3)`` points that the Point-MAE encoder receives for organized cloud ``xyz``."""
         points, _ = organized_points(self.prepare_cloud(xyz))
         return self._encoder_points(points)[1][None]
 

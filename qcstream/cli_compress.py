@@ -36,17 +36,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     detector = load_detector(model_dir)
     train = data_io.discover(args.train_folder, "train")
     validation = data_io.discover(validation_folder, "validation")
-    what = plan.spec.label if plan.quantize else "ONNX Runtime"
+    method_label = plan.spec.label if plan.quantize else "ONNX Runtime"
     if getattr(detector, "reads_point_clouds", False):
-        logger.info("Compressing the point transformer of %s to %s", model_dir, what)
+        logger.info("Compressing the point transformer of %s to %s", model_dir, method_label)
         result = compress_points(detector, plan, train, validation, args.output)
     else:
-        logger.info("Compressing the backbone of %s to %s", model_dir, what)
+        logger.info("Compressing the backbone of %s to %s", model_dir, method_label)
         result = compress_rgb(detector, plan, [s.image_path for s in train], [s.image_path for s in validation], args.output)
 
     meta = json.loads((Path(args.output) / CONFIG_FILE).read_text())
     form = meta.get("point_encoder_form") if getattr(detector, "reads_point_clouds", False) else meta["backbone_form"]
-    print(f"Model {result.version} ({form}, {what}) saved to {args.output}")
+    print(f"Model {result.version} ({form}, {method_label}) saved to {args.output}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Remove attention heads and MLP neurons from the weight matrices.
 
 A pruned head loses its rows of the query, key and value projections and its
-columns of the output projection; a pruned neuron loses its row of ``fc1`` and
+columns of the output projection. A pruned neuron loses its row of ``fc1`` and
 its column of ``fc2``. The smaller layers compute exactly what the full layers
 compute with those heads and neurons masked to zero, and they are faster because
 the matrices are smaller.
@@ -28,10 +28,10 @@ class BiasOnly(nn.Module):
         return self.bias.expand(*x.shape[:-1], -1).to(x.dtype)
 
 
-def _checked(keep: Sequence[int], total: int, what: str) -> list[int]:
+def _checked(keep: Sequence[int], total: int, unit_name: str) -> list[int]:
     kept = sorted(set(int(i) for i in keep))
     if len(kept) != len(keep) or any(not 0 <= i < total for i in kept):
-        raise ValueError(f"{what} to keep {list(keep)} must be distinct indices between 0 and {total - 1}")
+        raise ValueError(f"{unit_name} to keep {list(keep)} must be distinct indices between 0 and {total - 1}")
     return kept
 
 

@@ -1,6 +1,6 @@
 """Activation range calibrators: MinMax, EMA, Percentile and OMSE.
 
-Each observer sees the activations of one tensor over the calibration frames and
+Each observer receives the activations of one tensor over the calibration frames and
 returns the clipping range ``(low, high)`` that the tensor's 8-bit grid covers.
 The four are the ones FQ-ViT (Lin et al. 2022) compares, and the M3DM
 lightening paper after it.

@@ -146,5 +146,5 @@ class PowerOfTwoFactorQuantizer(ActQuantizer):
 
 
 def activation_quantizers(model: nn.Module) -> list[ActQuantizer]:
-    """All activation quantizers in ``model``, in module order."""
+    """Return the activation quantizers in ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, ActQuantizer)]

@@ -1,7 +1,7 @@
 """End to end with a deployable model: the worker serves an ONNX Runtime int8 backbone.
 
 The session's fitted tire model (EfficientNet-Lite0) is compressed by
-``qcstream compress --export onnx-int8``; the worker loads the result, says which
+``qcstream compress --export onnx-int8``; the worker loads the result, logs which
 form it serves, and scores real tire frames through Kafka and MinIO.
 """
 

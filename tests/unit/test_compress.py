@@ -38,7 +38,7 @@ def vit_model_dir(tire_frames, tmp_path_factory) -> Path:
     return detector.save(tmp_path_factory.mktemp("vit-model"))
 
 
-def test_simulated_quantization_saves_and_reloads_to_the_same_scores(vit_model_dir, tire_frames, tmp_path):
+def test_simulated_model_reloads_same_scores(vit_model_dir, tire_frames, tmp_path):
     plan = CompressionPlan(quantize="ptf-log2", weight_bits=4)
 
     compressed = compress_rgb(load_detector(vit_model_dir), plan, tire_frames["train"], tire_frames["validation"], tmp_path, progress=False)
@@ -46,7 +46,8 @@ def test_simulated_quantization_saves_and_reloads_to_the_same_scores(vit_model_d
 
     meta = json.loads((tmp_path / "config.json").read_text())
     assert meta["backbone_form"] == "torch-simq"
-    assert meta["quantization"]["weight_bits"] == 4 and meta["quantization"]["softmax"] == "log2"
+    assert meta["quantization"]["weight_bits"] == 4
+    assert meta["quantization"]["softmax"] == "log2"
     expected, _ = compressed.score(tire_frames["test"])
     got, _ = reloaded.score(tire_frames["test"])
     np.testing.assert_array_equal(got, expected)
@@ -55,7 +56,7 @@ def test_simulated_quantization_saves_and_reloads_to_the_same_scores(vit_model_d
 
 
 @pytest.mark.parametrize("form", ["onnx-fp32", "onnx-int8", "onnx-int4"])
-def test_onnx_forms_reload_and_score_like_the_float_model(form, vit_model_dir, tire_frames, tmp_path):
+def test_onnx_forms_reload_like_float(form, vit_model_dir, tire_frames, tmp_path):
     plan = CompressionPlan(export=form, calibration_frames=4)
 
     compressed = compress_rgb(load_detector(vit_model_dir), plan, tire_frames["train"], tire_frames["validation"], tmp_path, progress=False)
@@ -76,7 +77,7 @@ def test_onnx_forms_reload_and_score_like_the_float_model(form, vit_model_dir, t
             assert np.corrcoef(maps[index].ravel(), float_maps[index].ravel())[0, 1] > 0.8
 
 
-def test_compress_cli_writes_a_model_the_evaluate_cli_reads(vit_model_dir, tire_root, tmp_path, capsys):
+def test_compress_cli_writes_loadable_model(vit_model_dir, tire_root, tmp_path, capsys):
     train = tmp_path / "train"
     train.mkdir()
     for source in sorted((tire_root / "train" / "good" / "rgb").glob("*.png"))[:6]:
@@ -119,7 +120,7 @@ def test_simulated_quantization_of_a_cnn_backbone_is_refused(fitted_model_dir, t
         compress_rgb(load_detector(fitted_model_dir), CompressionPlan(quantize="minmax"), tire_frames["train"], tire_frames["validation"], tmp_path)
 
 
-def test_a_compressed_model_is_not_compressed_again(vit_model_dir, tire_frames, tmp_path):
+def test_compressed_model_rejects_recompression(vit_model_dir, tire_frames, tmp_path):
     compress_rgb(load_detector(vit_model_dir), CompressionPlan(export="onnx-fp32"), tire_frames["train"], tire_frames["validation"], tmp_path / "a", progress=False)
 
     with pytest.raises(ValueError, match="already onnx-fp32; compress the float model it came from .version dinov2_vits14-"):
@@ -141,7 +142,7 @@ def point_model_dir(scan_root, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("plan", [CompressionPlan(quantize="ptf-log2", calibration_frames=3), CompressionPlan(export="onnx-int8", calibration_frames=3)], ids=["simulated", "onnx-int8"])
-def test_point_transformer_compresses_and_reloads_to_the_same_scores(plan, point_model_dir, scan_root, tmp_path):
+def test_point_encoder_reloads_same_scores(plan, point_model_dir, scan_root, tmp_path):
     train, validation = data_io.discover(scan_root, "train"), data_io.discover(scan_root, "validation")
     test = data_io.discover(scan_root, "test")[::3]
 

@@ -49,7 +49,7 @@ def test_weights_are_quantized_per_output_channel():
     assert out[1].tolist() == pytest.approx([0.07, 0.0, -0.07])
 
 
-def test_log2_quantizer_gives_powers_of_two_and_zero_below_the_last_level():
+def test_log2_quantizer_levels():
     probabilities = torch.tensor([1.0, 0.5, 0.3, 0.01, 1e-6])
 
     out = log2_quantize(probabilities, bits=4)
@@ -88,7 +88,7 @@ def test_percentile_observer_ignores_the_outlying_tail():
     assert high == pytest.approx(9900.0)
 
 
-def test_omse_observer_shrinks_the_range_when_an_outlier_costs_resolution():
+def test_omse_observer_clips_outlier():
     values = torch.cat([torch.linspace(0, 1, 20000), torch.tensor([100.0])])
     omse, minmax = OmseObserver(), MinMaxObserver()
     omse.observe(values)
@@ -107,7 +107,7 @@ def test_unknown_calibrator_is_named():
         make_observer("kl")
 
 
-def test_an_observer_without_data_says_what_to_do():
+def test_empty_observer_raises_with_advice():
     with pytest.raises(RuntimeError, match="run calibration frames"):
         MinMaxObserver().range()
 
@@ -125,7 +125,7 @@ def test_power_of_two_factors_follow_each_channel_range():
     assert float(quantizer.scale) == pytest.approx(2 / 255)
 
 
-def test_power_of_two_factor_beats_one_scale_on_a_narrow_channel():
+def test_power_of_two_factor_narrow_channel():
     narrow = torch.linspace(0, 1, 101)
     wide = torch.linspace(-8, 8, 101)
     x = torch.stack([narrow, wide], dim=1)
