@@ -1,6 +1,8 @@
 """Compress a fitted model's transformer and refit the model around it.
 
-Two kinds of result:
+Structured pruning (``prune`` set, a FLOPs constraint) removes attention heads
+and MLP neurons first; then the transformer stays a float torch model, or is
+quantized in one of two kinds:
 
 - simulated quantization (``quantize`` set): the backbone stays a torch model
   whose layers round weights and activations as integer kernels would; it
@@ -34,7 +36,10 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class CompressionPlan:
-    """The compression to apply: exactly one of ``quantize`` and ``export`` is set."""
+    """The compression to apply: pruning, then at most one of ``quantize`` and ``export``."""
+
+    #: FLOPs constraint of structured pruning: the fraction of the prunable multiply-adds kept.
+    prune: float | None = None
 
     #: Simulated quantization method: a calibrator name or "ptf-log2".
     quantize: str | None = None
@@ -47,8 +52,14 @@ class CompressionPlan:
     int4_block_size: int = 32
 
     def __post_init__(self) -> None:
-        if (self.quantize is None) == (self.export is None):
-            raise ValueError("give either a simulated quantization method (--quantize) or a deployable form (--export), not both or neither")
+        if self.quantize is not None and self.export is not None:
+            raise ValueError("give either a simulated quantization method (--quantize) or a deployable form (--export), not both")
+        if self.prune is None and self.quantize is None and self.export is None:
+            raise ValueError("nothing to do: give --prune FLOPS, --quantize METHOD or --export FORM")
+        if self.prune is not None and not 0.0 < self.prune <= 1.0:
+            raise ValueError(f"--prune {self.prune} is a FLOPs constraint between 0 and 1: 0.5 keeps half of the prunable multiply-adds, 1.0 keeps all")
+        if self.prune is not None and self.quantize is not None:
+            raise ValueError("simulated quantization of a pruned transformer is not supported; prune with --export onnx-int8 to quantize it for ONNX Runtime")
         if self.export is not None and self.export not in ONNX_FORMS:
             raise ValueError(f"unknown form {self.export!r}; choose one of {', '.join(ONNX_FORMS)}")
         if self.calibration_frames < 1:
@@ -60,7 +71,19 @@ class CompressionPlan:
 
     @property
     def form(self) -> str:
-        return self.export or "torch-simq"
+        if self.export is not None:
+            return self.export
+        return "torch-simq" if self.quantize is not None else "torch-fp32"
+
+    @property
+    def label(self) -> str:
+        """What the plan does, for logs: for example "pruning to 0.5 FLOPs + onnx-int8"."""
+        steps = [f"pruning to {self.prune:g} FLOPs"] if self.prune is not None else []
+        if self.quantize is not None:
+            steps.append(self.spec.label)
+        elif self.export is not None:
+            steps.append(self.export)
+        return " + ".join(steps)
 
 
 def calibration_subset(items: Sequence, count: int) -> list:
@@ -99,6 +122,11 @@ def compress_rgb(
             yield preprocess([data_io.load_rgb(path) if not isinstance(path, np.ndarray) else path for path in chunk], size)
 
     batch_count = -(-len(calibration_images) // detector.config.batch_size)
+    pruning = detector.pruning
+    if plan.prune is not None:
+        extractor, pruning = _prune_rgb(detector, extractor, plan.prune, list(calibration_batches()), progress)
+    _check_quantizable(plan, pruning)
+
     if plan.quantize is not None:
         if not isinstance(extractor, PatchFeatureExtractor):
             raise ValueError(f"simulated quantization needs a ViT backbone; this model uses {detector.config.backbone}")
@@ -107,15 +135,35 @@ def compress_rgb(
         logger.info("Calibrating %s on %d normal frames", plan.spec.label, len(calibration_images))
         calibrate(backbone, compressed, calibration_batches(), total=batch_count, progress=progress)
         quantization = dataclasses.asdict(plan.spec)
-    else:
+    elif plan.export is not None:
         compressed = _export_rgb(extractor, size, plan, output_dir, calibration_batches(), batch_count, progress)
         quantization = None
+    else:
+        compressed, quantization = extractor, None
 
     result = PatchCoreDetector(detector.config)
     result._extractor = compressed
     result.backbone_form = plan.form
     result.quantization = quantization
+    result.pruning = pruning
     return _refit_and_save(result, detector.version, train_images, validation_images, output_dir, progress)
+
+
+def _check_quantizable(plan: CompressionPlan, pruning: dict | None) -> None:
+    if plan.quantize is not None and pruning is not None:
+        raise ValueError("simulated quantization of a pruned transformer is not supported; export the pruned model with --export onnx-int8 instead")
+
+
+def _prune_rgb(detector: PatchCoreDetector, extractor, flops: float, batches: list, progress: bool):
+    from qcstream.models.pruning import prune_transformer
+
+    if not isinstance(extractor, PatchFeatureExtractor):
+        raise ValueError(f"pruning removes attention heads and MLP neurons of a ViT; this model uses {detector.config.backbone}, which has none")
+    if detector.pruning is not None:
+        raise ValueError(f"the model's backbone is already pruned (to {detector.pruning['flops']} FLOPs); prune the model it came from")
+    logger.info("Pruning the ViT to %g of its prunable FLOPs with %d normal frames", flops, sum(len(batch) for batch in batches))
+    backbone, report = prune_transformer(extractor.backbone, extractor.layers, batches, flops, progress=progress)
+    return PatchFeatureExtractor(backbone, extractor.layers, extractor.feature_grid).eval(), report.layout()
 
 
 def _export_rgb(extractor, size, plan: CompressionPlan, output_dir: Path, batches, batch_count: int, progress: bool):
@@ -139,6 +187,10 @@ def compress_points(detector, plan: CompressionPlan, train: Sequence, validation
     output_dir.mkdir(parents=True, exist_ok=True)
     extractor = detector.point_extractor
     clouds = [data_io.load_xyz(sample.xyz_path) for sample in calibration_subset(list(train), plan.calibration_frames)]
+    pruning = detector.point_pruning
+    if plan.prune is not None:
+        extractor, pruning = _prune_points(detector, extractor, plan.prune, clouds, progress)
+    _check_quantizable(plan, pruning)
 
     if plan.quantize is not None:
         encoder = build_quantized(extractor.encoder, plan.spec)
@@ -146,16 +198,33 @@ def compress_points(detector, plan: CompressionPlan, train: Sequence, validation
         logger.info("Calibrating %s on %d normal clouds", plan.spec.label, len(clouds))
         calibrate(encoder, quantized_extractor, clouds, total=len(clouds), progress=progress)
         quantization = dataclasses.asdict(plan.spec)
-    else:
+    elif plan.export is not None:
         encoder = _export_points(extractor, plan, output_dir, clouds, progress)
         quantization = None
+    else:
+        encoder, quantization = extractor.encoder, None
 
     result = MultimodalDetector(detector.config, point_encoder=encoder)
     result._rgb_extractor = detector._rgb_extractor
     result.backbone_form, result.quantization = detector.backbone_form, detector.quantization
     result.point_encoder_form = plan.form
     result.point_quantization = quantization
+    result.point_pruning = pruning
     return _refit_and_save(result, detector.version, train, validation, output_dir, progress)
+
+
+def _prune_points(detector, extractor, flops: float, clouds: list[np.ndarray], progress: bool):
+    from qcstream.models.point_features import PointFeatureExtractor
+    from qcstream.models.point_ops import group_points
+    from qcstream.models.pruning import prune_transformer
+
+    if detector.point_pruning is not None:
+        raise ValueError(f"the model's point encoder is already pruned (to {detector.point_pruning['flops']} FLOPs); prune the model it came from")
+    encoder = extractor.encoder
+    batches = [group_points(extractor.encoder_input(xyz), encoder.num_groups, encoder.group_size) for xyz in clouds]
+    logger.info("Pruning the Point-MAE encoder to %g of its prunable FLOPs with %d normal clouds", flops, len(batches))
+    pruned, report = prune_transformer(encoder, encoder.feature_blocks, batches, flops, progress=progress)
+    return PointFeatureExtractor(detector.config, pruned), report.layout()
 
 
 def _export_points(extractor, plan: CompressionPlan, output_dir: Path, clouds: list[np.ndarray], progress: bool):

@@ -82,6 +82,8 @@ class PatchCoreDetector:
         self.backbone_form = "torch-fp32"
         #: The QuantSpec fields of a "torch-simq" backbone.
         self.quantization: dict | None = None
+        #: The pruning layout (kept heads and neurons per block) of a pruned ViT backbone.
+        self.pruning: dict | None = None
 
     # --- backbone -----------------------------------------------------------------
 
@@ -261,6 +263,7 @@ class PatchCoreDetector:
             "kind": "patchcore-rgb",
             "backbone_form": self.backbone_form,
             "quantization": self.quantization,
+            "pruning": self.pruning,
             "version": self.version,
             "config": dataclasses.asdict(self.config),
             "threshold": self.threshold_,
@@ -286,7 +289,10 @@ class PatchCoreDetector:
         detector = cls(DetectorConfig(**meta["config"]))
         detector.backbone_form = meta.get("backbone_form", "torch-fp32")
         detector.quantization = meta.get("quantization")
-        detector._extractor = load_backbone(detector.config, model_dir, detector.backbone_form, detector.quantization, meta.get("feature_dim"))
+        detector.pruning = meta.get("pruning")
+        detector._extractor = load_backbone(
+            detector.config, model_dir, detector.backbone_form, detector.quantization, meta.get("feature_dim"), detector.pruning
+        )
         detector.memory_bank_ = torch.from_numpy(np.load(model_dir / BANK_FILE))
         detector.threshold_ = float(meta["threshold"])
         detector.score_range_ = tuple(meta["score_range"])
@@ -344,8 +350,14 @@ def save_backbone(extractor, form: str, model_dir: Path) -> None:
     torch.save(extractor.backbone.state_dict(), model_dir / BACKBONE_FILE)
 
 
-def load_backbone(config: DetectorConfig, model_dir: Path, form: str, quantization: dict | None, feature_dim: int | None):
-    """Read the backbone saved in ``form`` and return its feature extractor."""
+def load_backbone(
+    config: DetectorConfig, model_dir: Path, form: str, quantization: dict | None, feature_dim: int | None, pruning: dict | None = None
+):
+    """Read the backbone saved in ``form`` and return its feature extractor.
+
+    A torch backbone with a ``pruning`` layout is cut to its saved head and
+    neuron counts before its weights load.
+    """
     if form not in BACKBONE_FORMS:
         raise ModelError(f"model in {model_dir} has backbone_form {form!r}; this qcstream reads {', '.join(BACKBONE_FORMS)}")
     if form.startswith("onnx-"):
@@ -363,9 +375,21 @@ def load_backbone(config: DetectorConfig, model_dir: Path, form: str, quantizati
         norm_eps = 1e-6
         layers = quantized_layers(QuantSpec(**quantization), norm_eps)
     backbone_state = torch.load(model_dir / BACKBONE_FILE, map_location="cpu", weights_only=True)
-    extractor = build_extractor(config, pretrained=False, backbone_state=backbone_state, layers=layers)
+    architecture_state = backbone_state if pruning is None else _unpruned_shapes(backbone_state, pruning)
+    extractor = build_extractor(config, pretrained=False, backbone_state=architecture_state, layers=layers)
+    if pruning is not None:
+        from qcstream.models.pruning import shrink_to_layout
+
+        shrink_to_layout(extractor.backbone, pruning)
     extractor.backbone.load_state_dict(backbone_state)
     return extractor
+
+
+def _unpruned_shapes(state: dict[str, torch.Tensor], pruning: dict) -> dict[str, torch.Tensor]:
+    """``state`` with block 0's ``fc1`` shaped as before pruning, for reading the architecture from it."""
+    shapes = dict(state)
+    shapes["blocks.0.mlp.fc1.weight"] = torch.empty(pruning["unpruned"]["neurons"], state["patch_embed.proj.weight"].shape[0], device="meta")
+    return shapes
 
 
 def _onnx_grid(path: Path) -> tuple[int, int]:

@@ -109,6 +109,8 @@ class MultimodalDetector:
         self.quantization: dict | None = None
         self.point_encoder_form = "torch-fp32"
         self.point_quantization: dict | None = None
+        #: The pruning layout of a pruned Point-MAE encoder (kept heads and neurons per block).
+        self.point_pruning: dict | None = None
 
     # --- feature extractors -------------------------------------------------------
 
@@ -401,7 +403,7 @@ class MultimodalDetector:
         if self.config.uses_points and self.point_extractor.encoder is not None:
             from qcstream.models.point_encoder_io import save_point_encoder
 
-            point_encoder = save_point_encoder(self.point_extractor.encoder, self.point_encoder_form, model_dir)
+            point_encoder = save_point_encoder(self.point_extractor.encoder, self.point_encoder_form, model_dir, self.point_pruning)
         if self.fusion_ is not None:
             torch.save({"config": self.fusion_.to_dict(), "state_dict": self.fusion_.state_dict()}, model_dir / FUSION_FILE)
         if self.patch_fusion_ is not None:
@@ -418,6 +420,7 @@ class MultimodalDetector:
             "feature_dim": int(self.rgb_extractor.feature_dim) if self.config.uses_rgb else None,
             "point_encoder_form": self.point_encoder_form,
             "point_quantization": self.point_quantization,
+            "point_pruning": self.point_pruning,
             "point_encoder": point_encoder,
             "version": self.version,
             "config": dataclasses.asdict(self.config),
@@ -445,9 +448,10 @@ class MultimodalDetector:
         if config.uses_points and config.point_features == "point_mae":
             from qcstream.models.point_encoder_io import load_point_encoder
 
-            encoder = load_point_encoder(model_dir, point_form, meta.get("point_quantization"), meta.get("point_encoder"))
+            encoder = load_point_encoder(model_dir, point_form, meta.get("point_quantization"), meta.get("point_encoder"), meta.get("point_pruning"))
         detector = cls(config, point_encoder=encoder)
         detector.point_encoder_form = point_form
+        detector.point_pruning = meta.get("point_pruning")
         detector.point_quantization = meta.get("point_quantization")
         detector.backbone_form = meta.get("backbone_form", "torch-fp32")
         detector.quantization = meta.get("quantization")

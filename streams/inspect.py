@@ -224,14 +224,18 @@ class FrameInspector:
         )
 
 
+def _pruned(layout: dict | None) -> str:
+    return f" pruned to {layout['flops']:.2f} FLOPs" if layout else ""
+
+
 def register_inspect_agent(app: faust.App, topics: Any, inspector: FrameInspector) -> None:
     """Add the ``inspect`` agent, reading ``topics.frames``, to ``app``."""
 
     async def inspect(stream: faust.StreamT) -> None:
         detector = inspector.detector
-        forms = [getattr(detector, "backbone_form", "torch-fp32")]
+        forms = [getattr(detector, "backbone_form", "torch-fp32") + _pruned(getattr(detector, "pruning", None))]
         if getattr(detector, "reads_point_clouds", False) and detector.config.uses_points:
-            forms.append(f"point encoder {detector.point_encoder_form}")
+            forms.append(f"point encoder {detector.point_encoder_form}" + _pruned(detector.point_pruning))
         logger.info("inspect agent started with model version %s (backbone %s)", detector.version, ", ".join(forms))
         async for event in stream.events():
             outcome = await inspector.handle(event.key, event.value)

@@ -102,17 +102,87 @@ def test_compress_cli_rejects_both_quantize_and_export(vit_model_dir, tmp_path, 
     assert "argument --export: not allowed with argument --quantize" in capsys.readouterr().err
 
 
-def test_compress_cli_needs_quantize_or_export(vit_model_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["compress", str(tmp_path), "--model-dir", str(vit_model_dir), "--output", str(tmp_path / "o")])
+def test_compress_cli_needs_something_to_do(vit_model_dir, tire_root, tmp_path, capsys):
+    code = cli_main(["compress", str(tire_root), "--model-dir", str(vit_model_dir), "--output", str(tmp_path / "o")])
 
-    assert exit_info.value.code == 2
-    assert "one of the arguments --quantize --export is required" in capsys.readouterr().err
+    assert code == 1
+    assert "error: nothing to do: give --prune FLOPS, --quantize METHOD or --export FORM" in capsys.readouterr().err
 
 
-def test_compression_plan_needs_exactly_one_form():
+def test_compression_plan_needs_at_most_one_form():
     with pytest.raises(ValueError, match="either a simulated quantization method .* or a deployable form"):
         CompressionPlan(quantize="minmax", export="onnx-int8")
+
+
+@pytest.mark.parametrize("flops", [0.0, 1.5])
+def test_compression_plan_rejects_a_flops_constraint_outside_zero_to_one(flops):
+    with pytest.raises(ValueError, match=f"--prune {flops} is a FLOPs constraint between 0 and 1"):
+        CompressionPlan(prune=flops)
+
+
+def test_compression_plan_refuses_pruning_with_simulated_quantization():
+    with pytest.raises(ValueError, match="prune with --export onnx-int8"):
+        CompressionPlan(prune=0.5, quantize="minmax")
+
+
+def test_pruned_model_is_smaller_and_reloads_same_scores(vit_model_dir, tire_frames, tmp_path):
+    plan = CompressionPlan(prune=0.6, calibration_frames=8)
+
+    compressed = compress_rgb(load_detector(vit_model_dir), plan, tire_frames["train"], tire_frames["validation"], tmp_path, progress=False)
+    reloaded = load_detector(tmp_path)
+
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["backbone_form"] == "torch-fp32"
+    assert meta["pruning"]["flops"] <= 0.6
+    assert len(meta["pruning"]["solvers"]) >= 4
+    assert (tmp_path / "backbone.pt").stat().st_size < 0.5 * (vit_model_dir / "backbone.pt").stat().st_size
+    kept_heads = sum(block.attn.num_heads for block in reloaded.extractor.backbone.blocks[:4])
+    assert kept_heads == sum(meta["pruning"]["heads"])
+    expected, _ = compressed.score(tire_frames["test"])
+    got, maps = reloaded.score(tire_frames["test"])
+    np.testing.assert_array_equal(got, expected)
+    _, float_maps = load_detector(vit_model_dir).score(tire_frames["test"])
+    for index in (1, 2):
+        assert np.corrcoef(maps[index].ravel(), float_maps[index].ravel())[0, 1] > 0.8
+
+
+def test_pruned_model_exports_to_int8_and_refuses_pruning_again(vit_model_dir, tire_frames, tmp_path):
+    compress_rgb(load_detector(vit_model_dir), CompressionPlan(prune=0.6, calibration_frames=8), tire_frames["train"], tire_frames["validation"], tmp_path / "p", progress=False)
+
+    compressed = compress_rgb(load_detector(tmp_path / "p"), CompressionPlan(export="onnx-int8", calibration_frames=4), tire_frames["train"], tire_frames["validation"], tmp_path / "q", progress=False)
+    reloaded = load_detector(tmp_path / "q")
+
+    meta = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert meta["backbone_form"] == "onnx-int8"
+    assert meta["pruning"]["heads"] == json.loads((tmp_path / "p" / "config.json").read_text())["pruning"]["heads"]
+    np.testing.assert_allclose(reloaded.score(tire_frames["test"])[0], compressed.score(tire_frames["test"])[0], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"already pruned \(to 0\.\d+ FLOPs\); prune the model it came from"):
+        compress_rgb(load_detector(tmp_path / "p"), CompressionPlan(prune=0.5), tire_frames["train"], tire_frames["validation"], tmp_path / "r")
+    with pytest.raises(ValueError, match="simulated quantization of a pruned transformer is not supported"):
+        compress_rgb(load_detector(tmp_path / "p"), CompressionPlan(quantize="minmax"), tire_frames["train"], tire_frames["validation"], tmp_path / "s")
+
+
+def test_pruning_a_cnn_backbone_is_refused(fitted_model_dir, tire_frames, tmp_path):
+    with pytest.raises(ValueError, match="this model uses efficientnet_lite0, which has none"):
+        compress_rgb(load_detector(fitted_model_dir), CompressionPlan(prune=0.5), tire_frames["train"], tire_frames["validation"], tmp_path)
+
+
+def test_compress_cli_prunes_and_exports_in_one_step(vit_model_dir, tire_root, tmp_path, capsys):
+    train = tmp_path / "train"
+    train.mkdir()
+    for source in sorted((tire_root / "train" / "good" / "rgb").glob("*.png"))[:6]:
+        (train / source.name).symlink_to(source)
+    output = tmp_path / "out"
+
+    code = cli_main([
+        "compress", str(train), "--model-dir", str(vit_model_dir), "--validation", str(tire_root / "validation" / "good"),
+        "--prune", "0.7", "--export", "onnx-int8", "--calibration-frames", "4", "--output", str(output),
+    ])
+
+    assert code == 0
+    meta = json.loads((output / "config.json").read_text())
+    assert meta["backbone_form"] == "onnx-int8"
+    assert f"onnx-int8, {meta['pruning']['flops']:.3f} of the prunable FLOPs, pruning to 0.7 FLOPs + onnx-int8" in capsys.readouterr().out
 
 
 def test_simulated_quantization_of_a_cnn_backbone_is_refused(fitted_model_dir, tire_frames, tmp_path):
@@ -141,7 +211,11 @@ def point_model_dir(scan_root, tmp_path_factory) -> Path:
     return detector.save(tmp_path_factory.mktemp("point-model"))
 
 
-@pytest.mark.parametrize("plan", [CompressionPlan(quantize="ptf-log2", calibration_frames=3), CompressionPlan(export="onnx-int8", calibration_frames=3)], ids=["simulated", "onnx-int8"])
+@pytest.mark.parametrize(
+    "plan",
+    [CompressionPlan(quantize="ptf-log2", calibration_frames=3), CompressionPlan(export="onnx-int8", calibration_frames=3), CompressionPlan(prune=0.5, calibration_frames=4)],
+    ids=["simulated", "onnx-int8", "pruned"],
+)
 def test_point_encoder_reloads_same_scores(plan, point_model_dir, scan_root, tmp_path):
     train, validation = data_io.discover(scan_root, "train"), data_io.discover(scan_root, "validation")
     test = data_io.discover(scan_root, "test")[::3]
