@@ -94,12 +94,18 @@ def measure_pipeline(data_root: Path, frames: int) -> dict:
             except Exception:  # noqa: BLE001 - no Parquet file yet
                 done = 0
         elapsed = time.perf_counter() - started
-        return {"frames": done, "seconds": elapsed, "fps": done / elapsed}
+        return {"frames": done, "seconds": elapsed, "fps": done / elapsed, "worker_peak_rss_mb": peak_rss_mb(worker.pid)}
     finally:
         worker.terminate()
         worker.wait(timeout=60)
         if started_services:
             services.down(settings)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory (``VmHWM``) of a running process, MB."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def feature_source(config: dict) -> str:
@@ -124,13 +130,17 @@ def main() -> None:
     pipeline = measure_pipeline(args.data, args.frames)
     print("pipeline:", pipeline, flush=True)
 
-    config = json.loads((model_dir / "config.json").read_text())["config"]
-    command = "python benchmarks/bench_pipeline.py " + " ".join(sys.argv[1:])
+    meta = json.loads((model_dir / "config.json").read_text())
+    config = meta["config"]
+    form = meta.get("backbone_form", "torch-fp32")
+    if meta.get("pruning"):
+        form += f", pruned to {meta['pruning']['flops']:.2f} FLOPs"
+    command = f"QCSTREAM_MODEL_DIR={model_dir} python benchmarks/bench_pipeline.py " + " ".join(sys.argv[1:])
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}"
     section = f"""
 ## Detector and pipeline, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
 
-Command: `{command.strip()}`. Machine: {machine}. Model: `{detector['model_version']}` (input {config['image_size'][0]}x{config['image_size'][1]}, {feature_source(config)}).
+Command: `{command.strip()}`. Machine: {machine}. Model: `{detector['model_version']}` (input {config['image_size'][0]}x{config['image_size'][1]}, {feature_source(config)}, backbone {form}).
 
 | measure | value |
 |---|---|
@@ -139,6 +149,7 @@ Command: `{command.strip()}`. Machine: {machine}. Model: `{detector['model_versi
 | peak RSS of a process that loads the model and scores, MB | {detector['peak_rss_mb']:.0f} |
 | end-to-end frames per second (producer -> Kafka -> one worker -> MinIO + Parquet, {pipeline['frames']} frames) | {pipeline['fps']:.2f} |
 | end-to-end seconds for those frames | {pipeline['seconds']:.1f} |
+| peak RSS of the worker process after those frames, MB | {pipeline['worker_peak_rss_mb']:.0f} |
 """
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if not args.output.exists():

@@ -6,9 +6,9 @@
         --point-checkpoint point_mae_ring.pth --train-limit 20 --work /tmp/pbench-points \\
         --output docs/pruning-points.md --chart docs/images/pruning-points.png
 
-The float model is fitted as in ``bench_quantization.py`` (DINOv2 ViT-S/14 at
-336 px, block 5, for ``rgb``; the multimodal detector in ``xyz`` mode with
-Point-MAE for ``points``). For each FLOPs constraint of ``--flops`` the float
+The float model is fitted as in ``bench_quantization.py``: DINOv2 ViT-S/14 at
+336 px, block 5, for ``rgb``, and the multimodal detector in ``xyz`` mode with
+Point-MAE for ``points``. For each FLOPs constraint of ``--flops`` the float
 model is pruned with :mod:`qcstream.models.compress` (the code behind
 ``qcstream compress --prune``), and the pruned model is exported to ONNX
 Runtime int8; constraint 1.0 is the float model itself and its int8 export
@@ -36,31 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quantization import accuracy, backbone_file, fit_float, peak_rss_mb, split, timing  # noqa: E402
+from bench_quantization import accuracy, backbone_file, compress_row, fit_float, peak_rss_mb, split, timing  # noqa: E402
 
-from qcstream.models.compress import CompressionPlan, compress_points, compress_rgb  # noqa: E402
-from qcstream.models.detector import load_detector  # noqa: E402
+from qcstream.models.compress import CompressionPlan  # noqa: E402
 
 logger = logging.getLogger("bench_pruning")
 
 DEFAULT_FLOPS = (0.9, 0.8, 0.7, 0.6, 0.5)
-
-
-def compress_timed(args, source: Path, name: str, plan: CompressionPlan, train, validation) -> Path:
-    """Compress ``source`` with ``plan`` into ``--work/name`` (cached) and remember how long it took."""
-    target = args.work / name
-    if (target / "config.json").is_file():
-        return target
-    detector = load_detector(source)
-    started = time.perf_counter()
-    if args.kind == "rgb":
-        compress_rgb(detector, plan, [s.image_path for s in train], [s.image_path for s in validation], target)
-    else:
-        compress_points(detector, plan, train, validation, target)
-    seconds = time.perf_counter() - started
-    (target / "bench_compress_seconds.txt").write_text(f"{seconds:.1f}\n")
-    logger.info("Made %s in %.0f s", name, seconds)
-    return target
 
 
 def pruning_layout(model_dir: Path) -> dict | None:
@@ -72,10 +54,10 @@ def build_models(args, train, validation) -> dict[float, dict[str, Path]]:
     """``{flops: {"torch": dir, "int8": dir}}``; flops 1.0 is the unpruned model."""
     float_dir = fit_float(args, train, validation)
     int8 = CompressionPlan(export="onnx-int8", calibration_frames=args.calibration_frames)
-    models = {1.0: {"torch": float_dir, "int8": compress_timed(args, float_dir, "onnx-int8", int8, train, validation)}}
+    models = {1.0: {"torch": float_dir, "int8": compress_row(args, float_dir, "onnx-int8", int8, train, validation)}}
     for flops in args.flops:
-        pruned = compress_timed(args, float_dir, f"prune-{flops:g}", CompressionPlan(prune=flops, calibration_frames=args.calibration_frames), train, validation)
-        models[flops] = {"torch": pruned, "int8": compress_timed(args, pruned, f"prune-{flops:g}-int8", int8, train, validation)}
+        pruned = compress_row(args, float_dir, f"prune-{flops:g}", CompressionPlan(prune=flops, calibration_frames=args.calibration_frames), train, validation)
+        models[flops] = {"torch": pruned, "int8": compress_row(args, pruned, f"prune-{flops:g}-int8", int8, train, validation)}
     return models
 
 

@@ -87,7 +87,9 @@ def compress_row(args, float_dir: Path, name: str, plan: CompressionPlan, train,
         compress_rgb(detector, plan, [s.image_path for s in train], [s.image_path for s in validation], target)
     else:
         compress_points(detector, plan, train, validation, target)
-    logger.info("Compressed %s in %.0f s", name, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    (target / "bench_compress_seconds.txt").write_text(f"{seconds:.1f}\n")
+    logger.info("Compressed %s in %.0f s", name, seconds)
     return target
 
 

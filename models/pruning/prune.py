@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class PruningReport:
-    """What pruning kept, and the feature distortion it left on the tuning frames."""
+    """Kept units of a pruned transformer, and the feature distortion left on the tuning frames."""
 
     flops_constraint: float
     flops: float
@@ -41,7 +41,7 @@ class PruningReport:
     fits: list[BranchFit]
 
     def layout(self) -> dict:
-        """The config.json entry: counts to rebuild the shapes, and how the model was pruned."""
+        """Return the config.json entry: the counts that rebuild the shapes, and how the model was pruned."""
         return {
             "flops_constraint": self.flops_constraint,
             "flops": round(self.flops, 4),
@@ -142,7 +142,7 @@ def _fold_and_remove(view: TransformerView, heads: Sequence[torch.Tensor], neuro
 
 
 def is_pruned(model: nn.Module) -> bool:
-    """Whether any block of ``model`` has fewer heads or neurons than the first unpruned layout allows."""
+    """Tell whether ``model`` has a bias-only branch or blocks of different sizes, as only pruning leaves."""
     blocks = list(model.blocks)
     if any(isinstance(block.attn, BiasOnly) or isinstance(block.mlp, BiasOnly) for block in blocks):
         return True

@@ -82,8 +82,8 @@ def search_mask(view: TransformerView, fisher: FisherSamples, flops: float) -> t
     """Binary head and neuron masks that keep the most Fisher importance within ``flops`` of the prunable FLOPs.
 
     For every possible total of kept heads, the most important heads are kept and
-    the FLOPs left are filled with the most important neurons; the total with the
-    largest kept importance wins.
+    the most important neurons fill the FLOPs left. The total with the largest
+    kept importance wins.
     """
     if not 0.0 < flops <= 1.0:
         raise ValueError(f"FLOPs constraint {flops} must be in (0, 1]; 1.0 keeps everything, 0.5 halves the prunable multiply-adds")
@@ -133,9 +133,9 @@ def pruning_loss(gradients: torch.Tensor, pruned: torch.Tensor) -> float:
 def rearrange_mask(mask: torch.Tensor, gradients: torch.Tensor, max_passes: int = 3) -> torch.Tensor:
     """Re-choose which units of one layer are kept, keeping their number, to lower :func:`pruning_loss`.
 
-    Local search with the layer's full Fisher block: each kept unit, least
-    important first, may swap with the pruned unit whose removal from the pruned
-    set helps most; a pass with no swap ends the search.
+    The search uses the layer's full Fisher block. Each kept unit, least important
+    first, may swap with the pruned unit whose return lowers the loss most. A pass
+    with no swap ends the search.
     """
     pruned = np.flatnonzero(mask.numpy() == 0)
     kept = np.flatnonzero(mask.numpy() != 0)

@@ -1,8 +1,8 @@
 """End to end with a pruned and quantized ViT: the worker serves it through Kafka and MinIO.
 
-A small DINOv2 tire model is pruned to half its FLOPs and exported to ONNX
-Runtime int8 in one ``qcstream compress`` call; the worker loads the result,
-logs how it was compressed, and scores real tire frames.
+One ``qcstream compress`` call prunes a small DINOv2 tire model to half its
+FLOPs and exports it to ONNX Runtime int8. The worker loads the result, logs
+how it was compressed, and scores real tire frames.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def pruned_model_dir(tire_root: Path, tmp_path_factory: pytest.TempPathFactory) 
     return output
 
 
-def test_worker_serves_the_pruned_int8_model(pipeline_settings, start_worker, collect_messages, pruned_model_dir: Path, tire_root: Path):
+def test_worker_serves_pruned_int8_model(pipeline_settings, start_worker, collect_messages, pruned_model_dir: Path, tire_root: Path):
     meta = json.loads((pruned_model_dir / "config.json").read_text())
     assert meta["backbone_form"] == "onnx-int8"
     assert meta["pruning"]["flops"] <= 0.5

@@ -30,6 +30,15 @@ def tire_frames(tire_root: Path) -> dict[str, list[Path]]:
     }
 
 
+def linked_train_folder(tire_root: Path, tmp_path: Path, count: int) -> Path:
+    """A folder of links to the first ``count`` tire training images, as a user's train folder."""
+    train = tmp_path / "train"
+    train.mkdir()
+    for source in sorted((tire_root / "train" / "good" / "rgb").glob("*.png"))[:count]:
+        (train / source.name).symlink_to(source)
+    return train
+
+
 @pytest.fixture(scope="module")
 def vit_model_dir(tire_frames, tmp_path_factory) -> Path:
     """A small DINOv2 detector: 112 px input, block 3, fitted on 8 tire frames."""
@@ -78,10 +87,7 @@ def test_onnx_forms_reload_like_float(form, vit_model_dir, tire_frames, tmp_path
 
 
 def test_compress_cli_writes_loadable_model(vit_model_dir, tire_root, tmp_path, capsys):
-    train = tmp_path / "train"
-    train.mkdir()
-    for source in sorted((tire_root / "train" / "good" / "rgb").glob("*.png"))[:6]:
-        (train / source.name).symlink_to(source)
+    train = linked_train_folder(tire_root, tmp_path, 6)
     output = tmp_path / "out"
 
     code = cli_main([
@@ -109,23 +115,23 @@ def test_compress_cli_needs_something_to_do(vit_model_dir, tire_root, tmp_path, 
     assert "error: nothing to do: give --prune FLOPS, --quantize METHOD or --export FORM" in capsys.readouterr().err
 
 
-def test_compression_plan_needs_at_most_one_form():
+def test_plan_needs_at_most_one_form():
     with pytest.raises(ValueError, match="either a simulated quantization method .* or a deployable form"):
         CompressionPlan(quantize="minmax", export="onnx-int8")
 
 
 @pytest.mark.parametrize("flops", [0.0, 1.5])
-def test_compression_plan_rejects_a_flops_constraint_outside_zero_to_one(flops):
+def test_plan_rejects_bad_flops(flops):
     with pytest.raises(ValueError, match=f"--prune {flops} is a FLOPs constraint between 0 and 1"):
         CompressionPlan(prune=flops)
 
 
-def test_compression_plan_refuses_pruning_with_simulated_quantization():
+def test_plan_rejects_prune_with_quantize():
     with pytest.raises(ValueError, match="prune with --export onnx-int8"):
         CompressionPlan(prune=0.5, quantize="minmax")
 
 
-def test_pruned_model_is_smaller_and_reloads_same_scores(vit_model_dir, tire_frames, tmp_path):
+def test_pruned_model_reloads_same_scores(vit_model_dir, tire_frames, tmp_path):
     plan = CompressionPlan(prune=0.6, calibration_frames=8)
 
     compressed = compress_rgb(load_detector(vit_model_dir), plan, tire_frames["train"], tire_frames["validation"], tmp_path, progress=False)
@@ -146,7 +152,7 @@ def test_pruned_model_is_smaller_and_reloads_same_scores(vit_model_dir, tire_fra
         assert np.corrcoef(maps[index].ravel(), float_maps[index].ravel())[0, 1] > 0.8
 
 
-def test_pruned_model_exports_to_int8_and_refuses_pruning_again(vit_model_dir, tire_frames, tmp_path):
+def test_pruned_model_exports_to_int8(vit_model_dir, tire_frames, tmp_path):
     compress_rgb(load_detector(vit_model_dir), CompressionPlan(prune=0.6, calibration_frames=8), tire_frames["train"], tire_frames["validation"], tmp_path / "p", progress=False)
 
     compressed = compress_rgb(load_detector(tmp_path / "p"), CompressionPlan(export="onnx-int8", calibration_frames=4), tire_frames["train"], tire_frames["validation"], tmp_path / "q", progress=False)
@@ -162,16 +168,13 @@ def test_pruned_model_exports_to_int8_and_refuses_pruning_again(vit_model_dir, t
         compress_rgb(load_detector(tmp_path / "p"), CompressionPlan(quantize="minmax"), tire_frames["train"], tire_frames["validation"], tmp_path / "s")
 
 
-def test_pruning_a_cnn_backbone_is_refused(fitted_model_dir, tire_frames, tmp_path):
+def test_pruning_cnn_backbone_raises(fitted_model_dir, tire_frames, tmp_path):
     with pytest.raises(ValueError, match="this model uses efficientnet_lite0, which has none"):
         compress_rgb(load_detector(fitted_model_dir), CompressionPlan(prune=0.5), tire_frames["train"], tire_frames["validation"], tmp_path)
 
 
-def test_compress_cli_prunes_and_exports_in_one_step(vit_model_dir, tire_root, tmp_path, capsys):
-    train = tmp_path / "train"
-    train.mkdir()
-    for source in sorted((tire_root / "train" / "good" / "rgb").glob("*.png"))[:6]:
-        (train / source.name).symlink_to(source)
+def test_compress_cli_prune_and_export(vit_model_dir, tire_root, tmp_path, capsys):
+    train = linked_train_folder(tire_root, tmp_path, 6)
     output = tmp_path / "out"
 
     code = cli_main([

@@ -24,7 +24,7 @@ def image_batches(count: int = 8, frames: int = 2) -> list[torch.Tensor]:
     return [torch.randn(frames, 3, 42, 42, generator=generator) for _ in range(count)]
 
 
-def test_all_one_masks_leave_the_features_unchanged():
+def test_all_one_masks_change_nothing():
     view = TransformerView(small_vit(), [1, 2])
     batch = image_batches(1)[0]
 
@@ -36,7 +36,7 @@ def test_all_one_masks_leave_the_features_unchanged():
     torch.testing.assert_close(masked, expected)
 
 
-def test_a_head_that_adds_nothing_has_no_fisher_importance():
+def test_fisher_of_silent_head_is_zero():
     model = small_vit()
     with torch.no_grad():
         model.blocks[0].attn.proj.weight[:, 16:] = 0  # head 1 of block 0 never reaches the output
@@ -51,7 +51,7 @@ def test_a_head_that_adds_nothing_has_no_fisher_importance():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_tuning_doubles_the_twin_of_a_pruned_head():
+def test_tuning_doubles_twin_head():
     # Two identical heads: without one, the other at mask value 2 gives the original output exactly.
     model = small_vit(depth=1)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_tuning_doubles_the_twin_of_a_pruned_head():
     assert fits[0].relative_losses["unchanged"] > 0.01
 
 
-def test_unpruned_constraint_keeps_the_model():
+def test_constraint_one_keeps_model():
     model = small_vit()
     batches = image_batches()
 
@@ -82,7 +82,7 @@ def test_unpruned_constraint_keeps_the_model():
         torch.testing.assert_close(pruned.forward_intermediates(batches[0], [1, 2])[1], model.forward_intermediates(batches[0], [1, 2])[1], atol=1e-4, rtol=1e-4)
 
 
-def test_pruned_model_computes_the_tuned_masked_features():
+def test_pruned_model_matches_tuned_masks():
     model = small_vit()
     batches = image_batches()
 
@@ -90,7 +90,9 @@ def test_pruned_model_computes_the_tuned_masked_features():
 
     assert report.flops <= 0.5
     layout = report.layout()
-    assert layout["heads"][2] == 0 and layout["neurons"][2] == 0  # block 2 comes after the last feature block
+    # Block 2 comes after the last feature block, so it is emptied.
+    assert layout["heads"][2] == 0
+    assert layout["neurons"][2] == 0
     assert isinstance(pruned.blocks[2].attn, BiasOnly)
     assert report.distortion_tuned < report.distortion_masked
     # The report's distortion was measured with masks on the full model; the smaller model must match it.
@@ -103,7 +105,7 @@ def test_pruned_model_computes_the_tuned_masked_features():
     assert error / total == pytest.approx(report.distortion_tuned, rel=1e-3)
 
 
-def test_pruning_leaves_the_input_model_untouched():
+def test_pruning_leaves_input_untouched():
     model = small_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -112,7 +114,7 @@ def test_pruning_leaves_the_input_model_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_layout_rebuilds_the_pruned_shapes():
+def test_layout_rebuilds_pruned_shapes():
     pruned, report = prune_transformer(small_vit(), [1, 2], image_batches(), 0.6, progress=False)
 
     rebuilt = shrink_to_layout(small_vit(seed=5), report.layout())
@@ -123,21 +125,21 @@ def test_layout_rebuilds_the_pruned_shapes():
         torch.testing.assert_close(rebuilt.forward_intermediates(batch, [2])[0], pruned.forward_intermediates(batch, [2])[0])
 
 
-def test_layout_of_another_depth_is_refused():
+def test_layout_depth_mismatch_raises():
     _, report = prune_transformer(small_vit(), [1], image_batches(4), 0.6, progress=False)
 
     with pytest.raises(ValueError, match="the pruning layout has 3 blocks, the model 2"):
         shrink_to_layout(small_vit(depth=2), report.layout())
 
 
-def test_pruned_model_cannot_be_pruned_again():
+def test_pruning_twice_raises():
     pruned, _ = prune_transformer(small_vit(), [1], image_batches(4), 0.6, progress=False)
 
     with pytest.raises(ValueError, match="already pruned"):
         prune_transformer(pruned, [1], image_batches(4), 0.6, progress=False)
 
 
-def test_point_mae_encoder_prunes_and_keeps_its_group_tokens():
+def test_point_mae_encoder_prunes():
     torch.manual_seed(0)
     encoder = PointMAEEncoder(num_groups=16, group_size=8, embed_dim=64, depth=2, num_heads=2, feature_blocks=(0, 1)).eval()
     generator = torch.Generator().manual_seed(4)
@@ -155,6 +157,6 @@ def test_point_mae_encoder_prunes_and_keeps_its_group_tokens():
     assert report.distortion_tuned < report.distortion_masked
 
 
-def test_a_transformer_other_than_vit_or_point_mae_is_refused():
+def test_view_rejects_other_modules():
     with pytest.raises(TypeError, match="cannot prune a Linear"):
         TransformerView(torch.nn.Linear(2, 2), [0])

@@ -25,19 +25,19 @@ def fisher_with_importance(heads: list[list[float]], neurons: list[list[float]])
     return FisherSamples([torch.tensor(h).sqrt()[None] for h in heads], [torch.tensor(n).sqrt()[None] for n in neurons])
 
 
-def test_unit_cost_counts_multiply_adds():
+def test_unit_cost_multiply_adds():
     cost = unit_cost(tokens=5, dim=32, head_dim=16)
 
     assert cost.head == 4 * 5 * 32 * 16 + 2 * 25 * 16  # 11040
     assert cost.neuron == 2 * 5 * 32
 
 
-def test_flops_fraction_of_a_half_kept_model(view):
+def test_flops_fraction_half_kept(view):
     # Kept: 2 heads (22080) and 4 neurons (1280) of 4 heads and 8 neurons (46720).
     assert flops_fraction(view, [2, 0], [4, 0]) == pytest.approx(23360 / 46720)
 
 
-def test_search_keeps_two_heads_when_they_carry_most_importance(view):
+def test_search_keeps_important_heads(view):
     # Budget 23360: 2 heads leave room for 4 neurons (15 + 10 = 25); 1 head for all 8 (10 + 11 = 21).
     fisher = fisher_with_importance([[10, 1], [5, 2]], [[4, 3, 2, 1], [0.4, 0.3, 0.2, 0.1]])
 
@@ -47,7 +47,7 @@ def test_search_keeps_two_heads_when_they_carry_most_importance(view):
     assert [n.tolist() for n in neurons] == [[1, 1, 1, 1], [0, 0, 0, 0]]
 
 
-def test_search_trades_a_head_for_neurons_when_they_matter_more(view):
+def test_search_trades_head_for_neurons(view):
     # 2 heads: 6 + 1 + (4 + 4 + 3 + 3) = 21; 1 head: 6 + 20 = 26.
     fisher = fisher_with_importance([[6, 1], [1, 1]], [[4, 3, 2, 1], [4, 3, 2, 1]])
 
@@ -58,14 +58,14 @@ def test_search_trades_a_head_for_neurons_when_they_matter_more(view):
     assert sum(int(n.sum()) for n in neurons) == 8
 
 
-def test_search_rejects_a_constraint_outside_zero_to_one(view):
+def test_search_rejects_bad_constraint(view):
     fisher = fisher_with_importance([[1, 1], [1, 1]], [[1] * 4, [1] * 4])
 
     with pytest.raises(ValueError, match="FLOPs constraint 1.5 must be in"):
         search_mask(view, fisher, 1.5)
 
 
-def test_rearrangement_prunes_units_whose_gradients_cancel():
+def test_rearrangement_prunes_cancelling_units():
     # a and b cancel each other; the diagonal keeps a (importance 4) and prunes b and c,
     # leaving |b + c|^2 = 6.25. Pruning a and b together costs |a + b|^2 = 0.
     gradients = torch.tensor([[2.0, -2.0, 0.0], [0.0, 0.0, 1.5]])
@@ -78,7 +78,7 @@ def test_rearrangement_prunes_units_whose_gradients_cancel():
     assert pruning_loss(gradients, torch.tensor([0, 1])) == pytest.approx(0.0)
 
 
-def test_rearrangement_keeps_the_number_of_kept_units():
+def test_rearrangement_keeps_unit_count():
     gradients = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([1.0] * 5 + [0.0] * 7)
 
@@ -103,20 +103,20 @@ def problem() -> tuple[np.ndarray, np.ndarray]:
     return a, r
 
 
-def test_normal_equation_loss_is_the_squared_residual(problem):
+def test_loss_is_squared_residual(problem):
     a, r = problem
     m = np.array([1.0, 0.5, -1.0, 2.0])
 
     assert equations(a, r).loss(m) == pytest.approx(float(np.sum((a @ m - r) ** 2)))
 
 
-def test_least_squares_matches_the_direct_solution(problem):
+def test_least_squares_matches_lstsq(problem):
     a, r = problem
 
     np.testing.assert_allclose(solve_least_squares(equations(a, r)), np.linalg.lstsq(a, r, rcond=None)[0], rtol=1e-8)
 
 
-def test_non_negative_matches_scipy_on_the_design_matrix(problem):
+def test_non_negative_matches_scipy(problem):
     a, r = problem
 
     values = solve_non_negative(equations(a, r))
@@ -125,13 +125,13 @@ def test_non_negative_matches_scipy_on_the_design_matrix(problem):
     np.testing.assert_allclose(values, nnls(a, r)[0], atol=1e-6)
 
 
-def test_strong_ridge_stays_at_the_unpruned_values(problem):
+def test_strong_ridge_stays_at_one(problem):
     a, r = problem
 
     np.testing.assert_allclose(solve_ridge(equations(a, r), strength=1e6), np.ones(4), atol=1e-3)
 
 
-def test_gradient_descent_moves_from_one_towards_least_squares(problem):
+def test_gradient_descent_reaches_least_squares(problem):
     a, r = problem
     system = equations(a, r)
 
@@ -141,7 +141,7 @@ def test_gradient_descent_moves_from_one_towards_least_squares(problem):
     np.testing.assert_allclose(values, solve_least_squares(system), atol=1e-3)
 
 
-def test_held_out_frames_choose_the_solver():
+def test_held_out_frames_choose_solver():
     # Fitting frames ask for mask values 2, held-out frames for the unpruned 1: only keeping 1 fits them.
     rng = np.random.default_rng(2)
     a_fit, a_held = rng.normal(size=(30, 3)), rng.normal(size=(30, 3))
