@@ -104,8 +104,8 @@ def accuracy(args, model_dir: Path) -> dict:
 
 
 def backbone_file(model_dir: Path) -> Path:
-    for name in ("backbone.onnx", "point_encoder.onnx", "point_encoder.pt", "backbone.pt"):
-        if (model_dir / name).is_file() and (name.startswith("point") or not (model_dir / "point_encoder.pt").is_file() and not (model_dir / "point_encoder.onnx").is_file()):
+    for name in ("backbone.onnx", "point_encoder.onnx", "point_encoder_pruned.pt", "point_encoder.pt", "backbone.pt"):
+        if (model_dir / name).is_file() and (name.startswith("point") or not any((model_dir / point).is_file() for point in ("point_encoder.pt", "point_encoder.onnx", "point_encoder_pruned.pt"))):
             return model_dir / name
     raise FileNotFoundError(f"no backbone file in {model_dir}")
 

@@ -62,7 +62,7 @@ def add_compress_command(commands) -> None:
         description="Prune (--prune), quantize (--quantize, simulated) or export (--export, ONNX Runtime) the transformer of a fitted model, "
         "then refit its memory banks and threshold. --prune combines with --export.",
     )
-    compress.add_argument("train_folder", help="the good training images the model was fitted on; a sample calibrates the quantizers and all rebuild the memory bank")
+    compress.add_argument("train_folder", help="the good training images the model was fitted on; a sample calibrates the quantizers or drives pruning, and all rebuild the memory bank")
     compress.add_argument("--output", type=Path, required=True, help="folder for the compressed model (a new model directory)")
     compress.add_argument("--model-dir", type=Path, help="fitted float model to compress (default: $QCSTREAM_MODEL_DIR)")
     compress.add_argument("--validation", help="held-out good images for the threshold (default: <root>/validation/good when it exists)")
