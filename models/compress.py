@@ -56,10 +56,13 @@ class CompressionPlan:
             raise ValueError("give either a simulated quantization method (--quantize) or a deployable form (--export), not both")
         if self.prune is None and self.quantize is None and self.export is None:
             raise ValueError("nothing to do: give --prune FLOPS, --quantize METHOD or --export FORM")
-        if self.prune is not None and not 0.0 < self.prune <= 1.0:
-            raise ValueError(f"--prune {self.prune} is a FLOPs constraint between 0 and 1: 0.5 keeps half of the prunable multiply-adds, 1.0 keeps all")
+        if self.prune is not None and not 0.0 < self.prune < 1.0:
+            raise ValueError(
+                f"--prune {self.prune} is invalid: the FLOPs constraint must be greater than 0 and less than 1 "
+                "(0.5 keeps half of the prunable multiply-adds; 1.0 would keep the model as it is)"
+            )
         if self.prune is not None and self.quantize is not None:
-            raise ValueError("simulated quantization of a pruned transformer is not supported; prune with --export onnx-int8 to quantize it for ONNX Runtime")
+            raise ValueError(f"--quantize {self.quantize} with --prune: simulated quantization of a pruned transformer is not supported; prune with --export onnx-int8 to quantize it for ONNX Runtime")
         if self.export is not None and self.export not in ONNX_FORMS:
             raise ValueError(f"unknown form {self.export!r}; choose one of {', '.join(ONNX_FORMS)}")
         if self.calibration_frames < 1:
@@ -110,6 +113,9 @@ def compress_rgb(
 ) -> PatchCoreDetector:
     """Compress the backbone of a fitted RGB detector, refit it, and save it to ``output_dir``."""
     _require_float(detector, "backbone", detector.backbone_form)
+    _check_pruning(plan, detector.pruning, "backbone", detector)
+    if plan.prune is not None and not isinstance(detector.extractor, PatchFeatureExtractor):
+        raise ValueError(f"pruning removes attention heads and MLP neurons of a ViT; this model uses {detector.config.backbone}, which has none")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     extractor = detector.extractor
@@ -124,8 +130,7 @@ def compress_rgb(
     batch_count = -(-len(calibration_images) // detector.config.batch_size)
     pruning = detector.pruning
     if plan.prune is not None:
-        extractor, pruning = _prune_rgb(detector, extractor, plan.prune, list(calibration_batches()), progress)
-    _check_quantizable(plan, pruning)
+        extractor, pruning = _prune_rgb(extractor, plan.prune, list(calibration_batches()), progress)
 
     if plan.quantize is not None:
         if not isinstance(extractor, PatchFeatureExtractor):
@@ -149,18 +154,21 @@ def compress_rgb(
     return _refit_and_save(result, detector.version, train_images, validation_images, output_dir, progress)
 
 
-def _check_quantizable(plan: CompressionPlan, pruning: dict | None) -> None:
+def _check_pruning(plan: CompressionPlan, pruning: dict | None, part: str, detector) -> None:
+    """Reject, before any work, pruning twice and simulated quantization of a pruned transformer."""
+    source = detector.fit_info_.get("compressed_from", "unknown")
+    if plan.prune is not None and pruning is not None:
+        raise ValueError(f"the model's {part} is already pruned (to {pruning['flops']} FLOPs); prune the model it came from (version {source})")
     if plan.quantize is not None and pruning is not None:
-        raise ValueError("simulated quantization of a pruned transformer is not supported; export the pruned model with --export onnx-int8 instead")
+        raise ValueError(
+            f"--quantize {plan.quantize}: simulated quantization of a pruned transformer is not supported; "
+            "export the pruned model with --export onnx-int8 instead"
+        )
 
 
-def _prune_rgb(detector: PatchCoreDetector, extractor, flops: float, batches: list, progress: bool):
+def _prune_rgb(extractor: PatchFeatureExtractor, flops: float, batches: list, progress: bool):
     from qcstream.models.pruning import prune_transformer
 
-    if not isinstance(extractor, PatchFeatureExtractor):
-        raise ValueError(f"pruning removes attention heads and MLP neurons of a ViT; this model uses {detector.config.backbone}, which has none")
-    if detector.pruning is not None:
-        raise ValueError(f"the model's backbone is already pruned (to {detector.pruning['flops']} FLOPs); prune the model it came from")
     logger.info("Pruning the ViT to %g of its prunable FLOPs with %d normal frames", flops, sum(len(batch) for batch in batches))
     backbone, report = prune_transformer(extractor.backbone, extractor.layers, batches, flops, progress=progress)
     return PatchFeatureExtractor(backbone, extractor.layers, extractor.feature_grid).eval(), report.layout()
@@ -183,6 +191,7 @@ def compress_points(detector, plan: CompressionPlan, train: Sequence, validation
     if detector.config.point_features != "point_mae" or not detector.config.uses_points:
         raise ValueError("the model has no point transformer to compress: fit it with --point-features point_mae and a mode that uses xyz")
     _require_float(detector, "point encoder", detector.point_encoder_form)
+    _check_pruning(plan, detector.point_pruning, "point encoder", detector)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     extractor = detector.point_extractor
@@ -190,7 +199,6 @@ def compress_points(detector, plan: CompressionPlan, train: Sequence, validation
     pruning = detector.point_pruning
     if plan.prune is not None:
         extractor, pruning = _prune_points(detector, extractor, plan.prune, clouds, progress)
-    _check_quantizable(plan, pruning)
 
     if plan.quantize is not None:
         encoder = build_quantized(extractor.encoder, plan.spec)
@@ -218,8 +226,6 @@ def _prune_points(detector, extractor, flops: float, clouds: list[np.ndarray], p
     from qcstream.models.point_ops import group_points
     from qcstream.models.pruning import prune_transformer
 
-    if detector.point_pruning is not None:
-        raise ValueError(f"the model's point encoder is already pruned (to {detector.point_pruning['flops']} FLOPs); prune the model it came from")
     encoder = extractor.encoder
     batches = [group_points(extractor.encoder_input(xyz), encoder.num_groups, encoder.group_size) for xyz in clouds]
     logger.info("Pruning the Point-MAE encoder to %g of its prunable FLOPs with %d normal clouds", flops, len(batches))

@@ -39,17 +39,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
     validation = data_io.discover(validation_folder, "validation")
     method_label = plan.label
     if getattr(detector, "reads_point_clouds", False):
-        logger.info("Compressing the point transformer of %s to %s", model_dir, method_label)
+        logger.info("Compressing the point transformer of %s: %s", model_dir, method_label)
         result = compress_points(detector, plan, train, validation, args.output)
     else:
-        logger.info("Compressing the backbone of %s to %s", model_dir, method_label)
+        logger.info("Compressing the backbone of %s: %s", model_dir, method_label)
         result = compress_rgb(detector, plan, [s.image_path for s in train], [s.image_path for s in validation], args.output)
 
     meta = json.loads((Path(args.output) / CONFIG_FILE).read_text())
     form = meta.get("point_encoder_form") if getattr(detector, "reads_point_clouds", False) else meta["backbone_form"]
     pruning = meta.get("point_pruning") if getattr(detector, "reads_point_clouds", False) else meta.get("pruning")
     pruned = f", {pruning['flops']:.3f} of the prunable FLOPs" if pruning else ""
-    print(f"Model {result.version} ({form}{pruned}, {method_label}) saved to {args.output}")
+    method = f", {method_label}" if plan.quantize else ""
+    print(f"Model {result.version} ({form}{pruned}{method}) saved to {args.output}")
     return 0
 
 
@@ -66,7 +67,7 @@ def add_compress_command(commands) -> None:
     compress.add_argument("--output", type=Path, required=True, help="folder for the compressed model (a new model directory)")
     compress.add_argument("--model-dir", type=Path, help="fitted float model to compress (default: $QCSTREAM_MODEL_DIR)")
     compress.add_argument("--validation", help="held-out good images for the threshold (default: <root>/validation/good when it exists)")
-    compress.add_argument("--prune", type=float, metavar="FLOPS", help="structured pruning of attention heads and MLP neurons to this fraction of the prunable multiply-adds, e.g. 0.5; ViT and Point-MAE only")
+    compress.add_argument("--prune", type=float, metavar="FLOPS", help="structured pruning of attention heads and MLP neurons to this fraction (above 0, below 1) of the prunable multiply-adds, e.g. 0.5; ViT and Point-MAE only")
     form = compress.add_mutually_exclusive_group()
     form.add_argument("--quantize", choices=list(METHODS), help="simulated quantization, to measure accuracy: one calibrator for every activation, or ptf-log2 (power-of-two factor LayerNorm inputs, 4-bit log2 softmax)")
     compress.add_argument("--weight-bits", type=int, choices=[8, 4], default=8, help="bits of the Linear weights, per output channel; --quantize only, --export int4 sets its own (default: 8)")

@@ -93,6 +93,7 @@ def prune_transformer(
         heads = [rearrange_mask(mask, grads) for mask, grads in zip(heads, fisher.heads)]
         neurons = [rearrange_mask(mask, grads) for mask, grads in zip(neurons, fisher.neurons)]
 
+    logger.info("Measuring the feature distortion of the binary mask on %d batches", len(batches))
     with torch.no_grad():
         reference = [view.features(batch) for batch in batches]
     masks = Masks(view)

@@ -169,13 +169,12 @@ def tune_masks(
             kept = torch.nonzero(values).flatten()
             if 0 < len(kept):
                 fits.append(_fit_branch(index, branch, block, student_in, teacher_out, kept, values, held_out))
+                logger.info("Mask tuning, %s", fits[-1].describe())
             student_in = [branch.output(block, x, values) for x in student_in]
             teacher_in = teacher_out
         teacher = [(x, added) for x, (_, added) in zip(teacher_in, teacher)]
         student = [(x, added) for x, (_, added) in zip(student_in, student)]
 
-    for fit in fits:
-        logger.info("Mask tuning, %s", fit.describe())
     return tuned_heads, tuned_neurons, fits
 
 

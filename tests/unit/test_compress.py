@@ -120,9 +120,9 @@ def test_plan_needs_at_most_one_form():
         CompressionPlan(quantize="minmax", export="onnx-int8")
 
 
-@pytest.mark.parametrize("flops", [0.0, 1.5])
+@pytest.mark.parametrize("flops", [0.0, 1.0, 1.5])
 def test_plan_rejects_bad_flops(flops):
-    with pytest.raises(ValueError, match=f"--prune {flops} is a FLOPs constraint between 0 and 1"):
+    with pytest.raises(ValueError, match=f"--prune {flops} is invalid: the FLOPs constraint must be greater than 0 and less than 1"):
         CompressionPlan(prune=flops)
 
 
@@ -164,6 +164,7 @@ def test_pruned_model_exports_to_int8(vit_model_dir, tire_frames, tmp_path):
     np.testing.assert_allclose(reloaded.score(tire_frames["test"])[0], compressed.score(tire_frames["test"])[0], rtol=1e-5)
     with pytest.raises(ValueError, match=r"already pruned \(to 0\.\d+ FLOPs\); prune the model it came from"):
         compress_rgb(load_detector(tmp_path / "p"), CompressionPlan(prune=0.5), tire_frames["train"], tire_frames["validation"], tmp_path / "r")
+    assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="simulated quantization of a pruned transformer is not supported"):
         compress_rgb(load_detector(tmp_path / "p"), CompressionPlan(quantize="minmax"), tire_frames["train"], tire_frames["validation"], tmp_path / "s")
 
@@ -185,7 +186,7 @@ def test_compress_cli_prune_and_export(vit_model_dir, tire_root, tmp_path, capsy
     assert code == 0
     meta = json.loads((output / "config.json").read_text())
     assert meta["backbone_form"] == "onnx-int8"
-    assert f"onnx-int8, {meta['pruning']['flops']:.3f} of the prunable FLOPs, pruning to 0.7 FLOPs + onnx-int8" in capsys.readouterr().out
+    assert f"(onnx-int8, {meta['pruning']['flops']:.3f} of the prunable FLOPs) saved to" in capsys.readouterr().out
 
 
 def test_simulated_quantization_of_a_cnn_backbone_is_refused(fitted_model_dir, tire_frames, tmp_path):
