@@ -19,6 +19,7 @@ from qcstream.storage.queries import (
     rolling_rates,
     window_start,
 )
+from qcstream.storage.statistics import wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ LEGEND = [
     ("defect rate", "share of inspected frames the detector flagged as defective (not the true defect rate)"),
     ("FNR", "false-negative rate: labelled defects passed as good / labelled defects (FN/defects)"),
     ("FPR", "false-positive rate: labelled good parts flagged / labelled good parts (FP/good)"),
+    ("FNR CI, FPR CI", "95% Wilson score interval of the rate: wide when few frames are labelled"),
     ("p50/p95 ms", "latency from capture to result, including queueing in Kafka: median / 95th percentile"),
     ("detector p50/p95 ms", "model time per frame: median / 95th percentile"),
 ]
@@ -162,7 +164,7 @@ LEGEND = [
 def format_report(report: QualityReport) -> str:
     """Render the report as a header, a fixed-width table, a legend and where the anomaly maps are."""
     header = [
-        "line", "frames", "defect rate", "labelled", "FN/defects", "FNR", "FP/good", "FPR",
+        "line", "frames", "defect rate", "labelled", "FN/defects", "FNR", "FNR CI", "FP/good", "FPR", "FPR CI",
         "p50 ms", "p95 ms", "detector p50 ms", "detector p95 ms",
     ]
     rows = [
@@ -173,8 +175,10 @@ def format_report(report: QualityReport) -> str:
             str(line.n_labelled),
             f"{line.false_negatives}/{line.n_defects}",
             _percent(line.fnr),
+            _interval(line.false_negatives, line.n_defects),
             f"{line.false_positives}/{line.n_good}",
             _percent(line.fpr),
+            _interval(line.false_positives, line.n_good),
             _milliseconds(line.latency_p50_ms),
             _milliseconds(line.latency_p95_ms),
             _milliseconds(line.detector_p50_ms),
@@ -234,8 +238,8 @@ def _header(report: QualityReport) -> str:
         f"Quality report at {_utc(report.generated_at)} | {window}\n"
         f"Totals: {len(report.lines)} lines, {report.frames_inspected} frames inspected, "
         f"{report.predicted_defects} predicted defects, {totals.n_labelled} labelled, "
-        f"FNR {_percent(totals.fnr)} ({totals.false_negatives}/{totals.n_defects}), "
-        f"FPR {_percent(totals.fpr)} ({totals.false_positives}/{totals.n_good})"
+        f"FNR {_percent(totals.fnr)} ({totals.false_negatives}/{totals.n_defects}, 95% CI {_interval(totals.false_negatives, totals.n_defects)}), "
+        f"FPR {_percent(totals.fpr)} ({totals.false_positives}/{totals.n_good}, 95% CI {_interval(totals.false_positives, totals.n_good)})"
     )
 
 
@@ -261,6 +265,11 @@ def _table_row(cells: list[str], widths: list[int]) -> str:
     first = cells[0].ljust(widths[0])
     rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:])]
     return "  ".join([first, *rest]).rstrip()
+
+
+def _interval(errors: int, trials: int) -> str:
+    bounds = wilson_interval(errors, trials)
+    return NOT_AVAILABLE if bounds is None else f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}%"
 
 
 def _percent(value: float | None) -> str:

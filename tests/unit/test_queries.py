@@ -337,15 +337,16 @@ def test_format_report_table(data_root):
     assert "window: last 1 h" in window
     assert "2023-11-16 01:00:00 UTC" in window
     assert "10 frames inspected" in totals
-    assert "FNR 33.3% (1/3)" in totals
-    assert "FPR 33.3% (2/6)" in totals
+    assert "FNR 33.3% (1/3, 95% CI 6.1-79.2%)" in totals
+    assert "FPR 33.3% (2/6, 95% CI 9.7-70.0%)" in totals
     table = lines[3:7]
     assert table[0].split()[:3] == ["line", "frames", "defect"]
     assert len({len(row) for row in table}) == 1
     row_a = table[2].split()
-    assert row_a[:8] == ["A", "8", "50.0%", "7", "1/3", "33.3%", "1/4", "25.0%"]
+    # Wilson 95%: 1/3 -> 0.0615 to 0.7923, 1/4 -> 0.0456 to 0.6993 (worked out by hand).
+    assert row_a[:10] == ["A", "8", "50.0%", "7", "1/3", "33.3%", "6.1-79.2%", "1/4", "25.0%", "4.6-69.9%"]
     row_b = table[3].split()
-    assert row_b[4:6] == ["0/0", "n/a"]
+    assert row_b[4:7] == ["0/0", "n/a", "n/a"]
     assert "  A  s3://anomaly-maps/A/" in lines
     assert "  B  s3://anomaly-maps/B/" in lines
     assert "http://127.0.0.1:9000/anomaly-maps" not in text  # the private bucket returns AccessDenied
@@ -383,5 +384,5 @@ def test_format_report_without_data(tmp_path):
 
     assert "last 20 labelled frames" in text
     assert "0 frames inspected" in text
-    assert "FNR n/a (0/0)" in text
+    assert "FNR n/a (0/0, 95% CI n/a)" in text
     assert "(no results or labels in this window)" in text
