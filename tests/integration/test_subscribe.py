@@ -36,11 +36,11 @@ def test_subscribe_prints_json_lines(pipeline_settings, monkeypatch, capsys, tmp
     for name, value in settings.to_env().items():
         monkeypatch.setenv(name, value)
     # One key, so one partition, so the subscriber reads them in this order.
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap.split(","), key_serializer=str.encode)
-    producer.send(settings.topic_defects, result("frame-1", 25.5).dumps(), key="line-1")
-    producer.send(settings.topic_defects, b"{not json", key="line-1")
-    producer.send(settings.topic_defects, json.dumps({**result("frame-2", 30.0).to_dict(), "schema_version": "2.0"}).encode(), key="line-1")
-    producer.send(settings.topic_defects, result("frame-3", 41.0).dumps(), key="line-1")
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap.split(","))
+    producer.send(settings.topic_defects, result("frame-1", 25.5).dumps(), key=b"line-1")
+    producer.send(settings.topic_defects, b"{not json", key=b"line-1")
+    producer.send(settings.topic_defects, json.dumps({**result("frame-2", 30.0).to_dict(), "schema_version": "2.0"}).encode(), key=b"line-1")
+    producer.send(settings.topic_defects, result("frame-3", 41.0).dumps(), key=b"line-1")
     producer.flush()
     producer.close()
 
@@ -80,9 +80,9 @@ def documented_consumer() -> str:
 def test_documented_consumer_runs(pipeline_settings, tmp_path: Path):
     settings = pipeline_settings(tmp_path)
     ensure_topics(settings)
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap.split(","), key_serializer=str.encode)
-    producer.send(settings.topic_defects, result("frame-7", 33.25).dumps(), key="line-1")
-    producer.send(settings.topic_defects, json.dumps({**result("frame-8", 30.0).to_dict(), "schema_version": "2.0"}).encode(), key="line-1")
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap.split(","))
+    producer.send(settings.topic_defects, result("frame-7", 33.25).dumps(), key=b"line-1")
+    producer.send(settings.topic_defects, json.dumps({**result("frame-8", 30.0).to_dict(), "schema_version": "2.0"}).encode(), key=b"line-1")
     producer.flush()
     producer.close()
     script = tmp_path / "reject_gate.py"
