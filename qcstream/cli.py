@@ -10,6 +10,7 @@ from pathlib import Path
 
 from qcstream.cli_compress import add_compress_command
 from qcstream.cli_points import add_point_commands
+from qcstream.cli_query import add_query_command
 from qcstream.cli_subscribe import add_subscribe_command
 from qcstream.settings import Settings
 
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_point_commands(commands)
     add_compress_command(commands)
     add_subscribe_command(commands)
+    add_query_command(commands)
     return parser
 
 
