@@ -129,8 +129,14 @@ def compress_rgb(
 
     batch_count = -(-len(calibration_images) // detector.config.batch_size)
     pruning = detector.pruning
+    prepared = None
     if plan.prune is not None:
-        extractor, pruning = _prune_rgb(extractor, plan.prune, list(calibration_batches()), progress)
+        prepared = list(calibration_batches())
+        extractor, pruning = _prune_rgb(extractor, plan.prune, prepared, progress)
+
+    def quantizer_batches():
+        # Pruning already decoded the frames into a list; reuse it instead of decoding them again.
+        return iter(prepared) if prepared is not None else calibration_batches()
 
     if plan.quantize is not None:
         if not isinstance(extractor, PatchFeatureExtractor):
@@ -138,10 +144,10 @@ def compress_rgb(
         backbone = build_quantized(extractor.backbone, plan.spec)
         compressed = PatchFeatureExtractor(backbone, extractor.layers, extractor.feature_grid).eval()
         logger.info("Calibrating %s on %d normal frames", plan.spec.label, len(calibration_images))
-        calibrate(backbone, compressed, calibration_batches(), total=batch_count, progress=progress)
+        calibrate(backbone, compressed, quantizer_batches(), total=batch_count, progress=progress)
         quantization = dataclasses.asdict(plan.spec)
     elif plan.export is not None:
-        compressed = _export_rgb(extractor, size, plan, output_dir, calibration_batches(), batch_count, progress)
+        compressed = _export_rgb(extractor, size, plan, output_dir, quantizer_batches(), batch_count, progress)
         quantization = None
     else:
         compressed, quantization = extractor, None

@@ -7,8 +7,8 @@
   grouping settings are kept in config.json.
 
 A pruned ``torch-fp32`` encoder has blocks of different sizes, which Point-MAE's
-checkpoint layout cannot hold; it is saved as ``point_encoder_pruned.pt``, our
-state dict with the encoder settings, and config.json keeps the pruning layout.
+checkpoint layout cannot represent. It is saved as ``point_encoder_pruned.pt``
+(our state dict with the encoder settings), and config.json keeps the pruning layout.
 """
 
 from __future__ import annotations

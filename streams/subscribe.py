@@ -46,7 +46,7 @@ def subscribe(
 ) -> Iterator[tuple[Record | None, bytes, str | None]]:
     """Yield ``(record, raw value, error)`` for each message of ``stream`` as it arrives.
 
-    ``record`` is None and ``error`` says why when a message cannot be decoded,
+    ``record`` is None and ``error`` gives the reason when a message cannot be decoded,
     so a caller can log it and go on. With ``group_id`` the committed offsets of
     that consumer group are used; without one every call starts at the end (or at
     the beginning with ``from_beginning``). Stops after ``timeout_s`` seconds with
@@ -75,5 +75,5 @@ def subscribe(
 
 
 def as_json_line(record: Record) -> str:
-    """One JSON line with the record's fields, ``schema_version`` and ``kind``, as on the topic."""
+    """Encode ``record`` as one JSON line with its fields, ``schema_version`` and ``kind``, as on the topic."""
     return json.dumps(record.to_dict(), sort_keys=True)

@@ -47,7 +47,7 @@ class TransformerView:
 
     ``feature_blocks`` are the block indices whose outputs are features; blocks
     after the last of them never run, so only ``blocks[:last + 1]`` are pruned.
-    ``tokens`` is the sequence length a block sees for one frame.
+    ``tokens`` is the sequence length of one frame in a block.
     """
 
     def __init__(self, model: nn.Module, feature_blocks: Sequence[int]) -> None:
@@ -90,7 +90,7 @@ class TransformerView:
         return x if added is None else x + added
 
     def features(self, batch) -> torch.Tensor:
-        """The backbone's output features for ``batch``: the normed outputs of the feature blocks, concatenated."""
+        """Compute the backbone's output features for ``batch``: the normed outputs of the feature blocks, concatenated."""
         x, added = self.embed(batch)
         outputs = []
         for index, block in enumerate(self.blocks):
@@ -158,12 +158,12 @@ class Masks:
 
 
 def _per_frame(scale: torch.Tensor) -> torch.Tensor:
-    """A ``(frames, units)`` mask broadcast over the token axis of ``(frames, tokens, units)``."""
+    """Broadcast a ``(frames, units)`` mask over the token axis of ``(frames, tokens, units)``."""
     return scale[:, None, :] if scale.dim() == 2 else scale
 
 
 def flops_fraction(view: TransformerView, heads_kept: Sequence[int], neurons_kept: Sequence[int]) -> float:
-    """The fraction of the prunable multiply-adds that ``heads_kept`` and ``neurons_kept`` (per block) leave."""
+    """Return the fraction of the prunable multiply-adds that ``heads_kept`` and ``neurons_kept`` (per block) leave."""
     cost = view.cost()
     total = sum(view.num_heads) * cost.head + sum(view.num_neurons) * cost.neuron
     kept = sum(heads_kept) * cost.head + sum(neurons_kept) * cost.neuron

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class BranchFit:
-    """How one branch was tuned: the solver kept and the held-out losses relative to the target."""
+    """Tuning record of one branch: the solver kept and the held-out losses relative to the target."""
 
     block: int
     branch: str
@@ -67,7 +67,7 @@ def head_outputs(attention, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_terms(block, x_in: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept heads' contributions ``(B*T*D, k)`` and the branch's constant part ``(B, T, D)``."""
+    """Compute the kept heads' contributions ``(B*T*D, k)`` and the branch's constant part ``(B, T, D)``."""
     attention = block.attn
     dim = attention.proj.out_features
     gamma = _gamma(block.ls1, dim)
