@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from qcstream.cli_compress import add_compress_command
+from qcstream.cli_dashboard import add_dashboard_command
 from qcstream.cli_points import add_point_commands
 from qcstream.cli_query import add_query_command
 from qcstream.cli_subscribe import add_subscribe_command
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress_command(commands)
     add_subscribe_command(commands)
     add_query_command(commands)
+    add_dashboard_command(commands)
     return parser
 
 

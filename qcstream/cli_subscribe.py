@@ -1,4 +1,4 @@
-"""``qcstream subscribe``: print defects, results or dead letters as JSON lines, for other systems."""
+"""``qcstream subscribe``: print defects, results, dead letters, labels or alerts as JSON lines, for other systems."""
 
 from __future__ import annotations
 
@@ -33,11 +33,15 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 def add_subscribe_command(commands) -> None:
     subscribe = commands.add_parser(
         "subscribe",
-        help="print defects, results or dead letters as JSON lines, one record per line",
+        help="print defects, results, dead letters, labels or alerts as JSON lines, one record per line",
         description="Read a qcstream topic and print each record as one JSON line on standard output, "
         "for a reject gate, an MES or a shell pipe. Stop with Ctrl-C.",
     )
-    subscribe.add_argument("stream", choices=["defects", "results", "dead-letter"], help="what to read: defective frames only, every result, or frames that failed")
+    subscribe.add_argument(
+        "stream",
+        choices=["defects", "results", "dead-letter", "labels", "alerts"],
+        help="what to read: defective frames only, every result, frames that failed, inspector labels, or drift alerts",
+    )
     subscribe.add_argument("--from-beginning", action="store_true", help="start at the oldest record kept by Kafka, not at new ones")
     subscribe.add_argument("--group", help="Kafka consumer group: resume where this group stopped and commit offsets (default: none, nothing committed)")
     subscribe.add_argument("--max-messages", type=int, help="stop after printing this many records")

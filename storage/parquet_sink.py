@@ -1,8 +1,8 @@
-"""Append-only Parquet files of inspection results and labels, partitioned Hive style.
+"""Append-only Parquet files of inspection results, labels and alerts, partitioned Hive style.
 
 Layout: ``<root>/<kind>/date=<YYYY-MM-DD>/line=<line_id>/part-<UTC time>-<uuid>.parquet``,
-where ``date`` is the UTC day of ``captured_at`` (results) or ``labelled_at``
-(labels). Files are never rewritten, so readers deduplicate (see
+where ``date`` is the UTC day of ``captured_at`` (results), ``labelled_at``
+(labels) or ``raised_at`` (alerts). Files are never rewritten, so readers deduplicate (see
 :mod:`qcstream.storage.queries`).
 """
 
@@ -21,14 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qcstream.storage.objects import utc_date
-from qcstream.streams.records import InspectionResult, Label
+from qcstream.storage.parquet_mirror import ParquetMirror
+from qcstream.streams.records import Alert, InspectionResult, Label
 
 logger = logging.getLogger(__name__)
 
-SinkRecord = Union[InspectionResult, Label]
+SinkRecord = Union[InspectionResult, Label, Alert]
 
 RESULTS = "results"
 LABELS = "labels"
+ALERTS = "alerts"
 
 #: One column per :class:`InspectionResult` field, plus ``date``.
 RESULTS_SCHEMA = pa.schema(
@@ -65,10 +67,32 @@ LABELS_SCHEMA = pa.schema(
     ]
 )
 
-SCHEMAS: dict[str, pa.Schema] = {RESULTS: RESULTS_SCHEMA, LABELS: LABELS_SCHEMA}
-RECORD_TYPES: dict[str, type] = {RESULTS: InspectionResult, LABELS: Label}
+#: One column per :class:`Alert` field, plus ``date``.
+ALERTS_SCHEMA = pa.schema(
+    [
+        pa.field("alert_id", pa.string(), nullable=False),
+        pa.field("line_id", pa.string(), nullable=False),
+        pa.field("condition", pa.string(), nullable=False),
+        pa.field("state", pa.string(), nullable=False),
+        pa.field("raised_at", pa.float64(), nullable=False),
+        pa.field("recent_defects", pa.int64(), nullable=False),
+        pa.field("recent_misses", pa.int64(), nullable=False),
+        pa.field("baseline_defects", pa.int64(), nullable=False),
+        pa.field("baseline_misses", pa.int64(), nullable=False),
+        pa.field("recent_fnr", pa.float64(), nullable=False),
+        pa.field("baseline_fnr", pa.float64(), nullable=False),
+        pa.field("p_value", pa.float64(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("window_start", pa.float64(), nullable=True),
+        pa.field("window_end", pa.float64(), nullable=True),
+        pa.field("date", pa.string(), nullable=False),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {RESULTS: RESULTS_SCHEMA, LABELS: LABELS_SCHEMA, ALERTS: ALERTS_SCHEMA}
+RECORD_TYPES: dict[str, type] = {RESULTS: InspectionResult, LABELS: Label, ALERTS: Alert}
 #: Record field whose UTC day names the ``date=`` partition.
-DATE_FIELDS: dict[str, str] = {RESULTS: "captured_at", LABELS: "labelled_at"}
+DATE_FIELDS: dict[str, str] = {RESULTS: "captured_at", LABELS: "labelled_at", ALERTS: "raised_at"}
 
 #: Suffix of files being written. Readers glob ``*.parquet``, which never matches it.
 #: The leading dot alone would not hide a file: DuckDB 2.0's ``*`` matches dot files.
@@ -76,15 +100,17 @@ TEMP_SUFFIX = ".parquet.tmp"
 
 
 class ParquetSink:
-    """Writer of one kind of record (``"results"`` or ``"labels"``) under ``root``."""
+    """Writer of one kind of record (``"results"``, ``"labels"`` or ``"alerts"``) under ``root``."""
 
-    def __init__(self, root: Path, kind: str) -> None:
+    def __init__(self, root: Path, kind: str, mirror: ParquetMirror | None = None) -> None:
+        """``mirror``, when given, gets a copy of every file written (see :mod:`qcstream.storage.parquet_mirror`)."""
         if kind not in SCHEMAS:
             raise ValueError(f"invalid Parquet sink kind {kind!r}: expected one of {sorted(SCHEMAS)}")
         self.root = Path(root)
         self.kind = kind
         self.schema = SCHEMAS[kind]
         self.record_type = RECORD_TYPES[kind]
+        self.mirror = mirror
 
     @property
     def folder(self) -> Path:
@@ -107,7 +133,20 @@ class ParquetSink:
             _write_atomically(table, path)
             logger.info("wrote %d %s records to %s", len(group), self.kind, path)
             paths.append(path)
+            self._copy_to_mirror(path)
         return paths
+
+    def _copy_to_mirror(self, path: Path) -> None:
+        """Upload ``path`` to the mirror bucket. A failure is logged, not raised: the local file is the record."""
+        if self.mirror is None:
+            return
+        try:
+            self.mirror.upload(self.root, path)
+        except Exception as error:  # noqa: BLE001 - the local write succeeded; the copy can be made later
+            logger.error(
+                "could not copy %s to %s: %s. The local file is kept, and `qcstream parquet-upload` copies it later.",
+                path, self.mirror.location, error,
+            )
 
     def _group(self, records: Sequence[SinkRecord]) -> dict[tuple[str, str], list[SinkRecord]]:
         groups: dict[tuple[str, str], list[SinkRecord]] = defaultdict(list)

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qcstream.settings import Settings
+from qcstream.storage.drift import open_alerts
 from qcstream.storage.objects import anomaly_map_prefix, s3_uri
 from qcstream.storage.queries import (
     LineDefectRate,
@@ -64,6 +65,8 @@ class QualityReport:
     console_url: str
     minio_access_key: str
     secret_file: Path
+    #: ``(line_id, raised_at, message)`` of each FNR drift alert that has not cleared.
+    open_alerts: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)
 
     @property
     def frames_inspected(self) -> int:
@@ -118,6 +121,7 @@ def quality_report(
         console_url=f"http://127.0.0.1:{settings.minio_console_port}",
         minio_access_key=settings.minio_access_key,
         secret_file=settings.minio_secret_file,
+        open_alerts=[(row["line_id"], row["raised_at"], row["message"]) for row in open_alerts(root)],
     )
 
 
@@ -194,6 +198,13 @@ def format_report(report: QualityReport) -> str:
     output.extend(_table_row(cells, widths) for cells in rows)
     if not rows:
         output.append("(no results or labels in this window)")
+
+    output.append("")
+    if report.open_alerts:
+        output.append("Open FNR drift alerts:")
+        output.extend(f"  {_utc(raised_at)}  {message}" for _, raised_at, message in report.open_alerts)
+    else:
+        output.append("Open FNR drift alerts: none")
 
     output.append("")
     output.append("Columns:")

@@ -1,4 +1,4 @@
-"""The Faust application of the worker: topics, the inspect agent and the sink agent.
+"""The Faust application of the worker: topics, the inspect and sink agents, and the drift check timer.
 
 All topics carry raw bytes: the agents decode the JSON records themselves, so that a
 message that does not decode goes to the dead-letter topic instead of crashing the
@@ -14,6 +14,7 @@ import faust
 
 from qcstream.settings import Settings
 from qcstream.storage.objects import ObjectStore
+from qcstream.streams.alerts import register_alert_timer
 from qcstream.streams.inspect import Detector, FrameInspector, load_model, register_inspect_agent
 from qcstream.streams.records import DeadLetter, InspectionResult
 from qcstream.streams.sink import RecordSink, register_sink_agent
@@ -30,6 +31,7 @@ class Topics:
     defects: faust.TopicT
     labels: faust.TopicT
     dead_letter: faust.TopicT
+    alerts: faust.TopicT
     #: ``results`` and ``labels`` read as one channel by the sink agent.
     sink_input: faust.TopicT
 
@@ -61,12 +63,13 @@ def _declare_topics(app: faust.App, settings: Settings) -> Topics:
         defects=topic(settings.topic_defects),
         labels=topic(settings.topic_labels),
         dead_letter=topic(settings.topic_dead_letter),
+        alerts=topic(settings.topic_alerts),
         sink_input=topic(settings.topic_results, settings.topic_labels),
     )
 
 
 def create_app(settings: Settings, detector: Detector | None = None) -> faust.App:
-    """Return the worker's Faust app with its ``inspect`` and ``sink`` agents.
+    """Return the worker's Faust app with its ``inspect`` and ``sink`` agents and the FNR drift timer.
 
     The app id ``settings.app_id`` is also the Kafka consumer group, so workers with
     the same id share the partitions. ``detector`` defaults to the fitted model in
@@ -91,6 +94,7 @@ def create_app(settings: Settings, detector: Detector | None = None) -> faust.Ap
 
     register_inspect_agent(app, topics, FrameInspector(settings, detector, store))
     register_sink_agent(app, topics, RecordSink(settings), settings)
+    register_alert_timer(app, topics, settings)
     logger.info(
         "worker app %s ready: broker %s, model version %s, Parquet under %s",
         settings.app_id, settings.kafka_bootstrap, detector.version, settings.data_dir,

@@ -196,6 +196,10 @@ class Label(Record):
         if not isinstance(self.is_defect, bool):
             raise RecordError(f"invalid is_defect {self.is_defect!r}: expected true or false")
         _check_number("labelled_at", self.labelled_at)
+        for name in ("defect_type", "inspector"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or len(value) > 128):
+                raise RecordError(f"invalid {name} {value!r}: expected text of at most 128 characters, or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,3 +216,52 @@ class DeadLetter(Record):
     frame_id: str | None = None
     line_id: str | None = None
     camera_id: str | None = None
+
+
+#: States of an :class:`Alert`: raised, then cleared once the condition is gone.
+ALERT_STATES = ("firing", "cleared")
+
+
+@dataclasses.dataclass(frozen=True)
+class Alert(Record):
+    """A drift alert on one line; the ``firing`` and ``cleared`` records of one episode share ``alert_id``.
+
+    ``condition`` names the check (``"fnr-drift"``). The ``recent_*`` counts are the
+    line's most recent labelled defects and the misses among them, the
+    ``baseline_*`` counts the labelled defects before those; ``p_value`` is the
+    one-sided test that the recent false-negative rate is higher than the baseline's.
+    """
+
+    kind: ClassVar[str] = "alert"
+    _id_fields: ClassVar[tuple[str, ...]] = ("alert_id", "line_id")
+
+    alert_id: str
+    line_id: str
+    condition: str
+    state: str
+    raised_at: float
+    recent_defects: int
+    recent_misses: int
+    baseline_defects: int
+    baseline_misses: int
+    recent_fnr: float
+    baseline_fnr: float
+    p_value: float
+    message: str
+    #: Capture times of the oldest and newest frame in the recent window.
+    window_start: float | None = None
+    window_end: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.state not in ALERT_STATES:
+            raise RecordError(f"invalid alert state {self.state!r}: expected one of {list(ALERT_STATES)}")
+        for name in ("raised_at", "recent_fnr", "baseline_fnr", "p_value"):
+            _check_number(name, getattr(self, name))
+        for name in ("recent_defects", "recent_misses", "baseline_defects", "baseline_misses"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RecordError(f"invalid {name} {value!r}: expected a count (integer >= 0)")
+        for name in ("window_start", "window_end"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name))

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import faust
 
 from qcstream.settings import Settings
+from qcstream.storage.parquet_mirror import ParquetMirror
 from qcstream.storage.parquet_sink import LABELS, RESULTS, ParquetSink
 from qcstream.streams.dead_letters import dead_letter
 from qcstream.streams.records import DeadLetter, InspectionResult, Label, Record, RecordError
@@ -42,9 +43,12 @@ class RecordSink:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        mirror = ParquetMirror.from_settings(settings)
+        if mirror is not None:
+            logger.info("the sink copies each Parquet file to %s", mirror.location)
         self.writers = {
-            settings.topic_results: (InspectionResult, ParquetSink(settings.data_dir, RESULTS)),
-            settings.topic_labels: (Label, ParquetSink(settings.data_dir, LABELS)),
+            settings.topic_results: (InspectionResult, ParquetSink(settings.data_dir, RESULTS, mirror)),
+            settings.topic_labels: (Label, ParquetSink(settings.data_dir, LABELS, mirror)),
         }
 
     def parse(self, messages: Sequence[tuple[str, bytes | None, bytes | None]]) -> Batch:

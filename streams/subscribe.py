@@ -1,4 +1,4 @@
-"""Read the records other systems consume: defects, all results, or dead letters.
+"""Read the records other systems consume: defects, all results, dead letters, labels or alerts.
 
 A subscriber is a plain Kafka consumer. Each message value is a JSON record
 with a ``schema_version``; :func:`decode` checks it with the record class of the
@@ -16,17 +16,29 @@ from typing import Iterator
 from kafka import KafkaConsumer
 
 from qcstream.settings import Settings
-from qcstream.streams.records import DeadLetter, InspectionResult, Record, RecordError
+from qcstream.streams.records import Alert, DeadLetter, InspectionResult, Label, Record, RecordError
 
 logger = logging.getLogger(__name__)
 
 #: Topic names a user subscribes to, and the record class each carries.
-STREAMS = {"defects": InspectionResult, "results": InspectionResult, "dead-letter": DeadLetter}
+STREAMS = {
+    "defects": InspectionResult,
+    "results": InspectionResult,
+    "dead-letter": DeadLetter,
+    "labels": Label,
+    "alerts": Alert,
+}
 
 
 def topic_name(settings: Settings, stream: str) -> str:
     """Return the Kafka topic of ``stream`` under ``settings``; environment variables can rename topics."""
-    topics = {"defects": settings.topic_defects, "results": settings.topic_results, "dead-letter": settings.topic_dead_letter}
+    topics = {
+        "defects": settings.topic_defects,
+        "results": settings.topic_results,
+        "dead-letter": settings.topic_dead_letter,
+        "labels": settings.topic_labels,
+        "alerts": settings.topic_alerts,
+    }
     if stream not in topics:
         raise ValueError(f"unknown stream {stream!r}; choose one of {', '.join(STREAMS)}")
     return topics[stream]

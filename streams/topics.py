@@ -20,13 +20,14 @@ CLIENT_ID = "qcstream-admin"
 
 
 def topic_names(settings: Settings) -> list[str]:
-    """Return the names of the frames, results, defects, labels and dead-letter topics."""
+    """Return the names of the frames, results, defects, labels, dead-letter and alerts topics."""
     return [
         settings.topic_frames,
         settings.topic_results,
         settings.topic_defects,
         settings.topic_labels,
         settings.topic_dead_letter,
+        settings.topic_alerts,
     ]
 
 

@@ -10,6 +10,7 @@ import logging
 
 from qcstream.settings import Settings
 from qcstream.storage.objects import ObjectStore
+from qcstream.streams.alerts import check_alert_settings
 from qcstream.streams.app import create_app
 from qcstream.streams.inspect import load_model
 from qcstream.streams.topics import ensure_topics
@@ -20,9 +21,11 @@ logger = logging.getLogger(__name__)
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Load the model, make sure buckets and topics exist, and run the Faust worker.
 
-    Returns after a clean stop. Raises :class:`~qcstream.streams.inspect.ModelNotFoundError`
-    when ``settings.model_dir`` contains no fitted model.
+    Returns after a clean stop. Raises ValueError for an alert setting out of range, and
+    :class:`~qcstream.streams.inspect.ModelNotFoundError` when ``settings.model_dir``
+    contains no fitted model.
     """
+    check_alert_settings(settings)
     detector = load_model(settings.model_dir)
     logger.info("loaded model version %s from %s", detector.version, settings.model_dir)
 

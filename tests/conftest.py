@@ -8,7 +8,10 @@ session uses its own topics, buckets and data folder, so runs never mix.
 from __future__ import annotations
 
 import dataclasses
+import json
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -123,6 +126,7 @@ def with_own_streams(base: Settings, data_dir: Path, **changes) -> Settings:
         topic_defects=f"defects-{suffix}",
         topic_labels=f"labels-{suffix}",
         topic_dead_letter=f"frames-dead-letter-{suffix}",
+        topic_alerts=f"alerts-{suffix}",
         bucket_frames=f"frames-{suffix}",
         bucket_maps=f"anomaly-maps-{suffix}",
         app_id=f"qcstream-test-{suffix}",
@@ -188,3 +192,55 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class WebhookReceiver:
+    """An HTTP server on a free 127.0.0.1 port that answers each POST with the next status in ``statuses``."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = list(statuses)
+        self.bodies: list[dict] = []
+        self.paths: list[str] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+                length = int(self.headers["Content-Length"])
+                receiver.bodies.append(json.loads(self.rfile.read(length)))
+                receiver.paths.append(self.path)
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/secret-token?key=hunter2"
+
+    def start(self) -> "WebhookReceiver":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook_receiver():
+    """Return a function that starts a :class:`WebhookReceiver` with some statuses; all are stopped after the test."""
+    started: list[WebhookReceiver] = []
+
+    def start(statuses: list[int] | None = None) -> WebhookReceiver:
+        receiver = WebhookReceiver(statuses or []).start()
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.stop()

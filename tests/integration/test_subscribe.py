@@ -101,3 +101,27 @@ def test_documented_consumer_runs(pipeline_settings, tmp_path: Path):
 
     assert lines[0] == "reject frame-7 on line-1: score 33.25 >= 20.00"
     assert lines[1] == "skipped a record with schema_version '2.0'; this gate reads 1.x"
+
+
+def documented_label_sender() -> str:
+    """The Python code block of docs/labels.md."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "labels.md").read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_documented_label_sender_sends_a_valid_label(pipeline_settings, monkeypatch, capsys, tmp_path: Path):
+    settings = pipeline_settings(tmp_path)
+    ensure_topics(settings)
+    script = tmp_path / "send_label.py"
+    script.write_text(documented_label_sender())
+    env = {**os.environ, **settings.to_env(), "FRAME_ID": "cam-9-0123456789ab"}
+
+    sent = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.strip() == "sent label of cam-9-0123456789ab"
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert cli_main(["subscribe", "labels", "--from-beginning", "--max-messages", "1", "--timeout", "30"]) == 0
+    [label] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (label["frame_id"], label["line_id"], label["is_defect"], label["defect_type"]) == ("cam-9-0123456789ab", "line-1", True, "cut")

@@ -88,14 +88,17 @@ def test_fused_image_score_finds_dents_rgb_misses(mode_outputs, test_samples):
     assert fused > rgb + 0.3, f"dent image AUROC: fused {fused:.3f}, rgb {rgb:.3f}"
 
 
-def test_saved_model_reloads_to_the_same_scores(multimodal_model_dir, test_samples, mode_outputs):
+def test_saved_model_reloads_to_the_same_scores(multimodal_model_dir, test_samples, detector):
     reloaded = MultimodalDetector.load(multimodal_model_dir)
+    # The same batch on both sides: float32 results of a batch of 3 and of the whole split differ
+    # slightly (about 1e-3 in the fused map with torch 2.15), which is not what this test is about.
+    before = detector.score_modes(test_samples[:3])
 
     again = reloaded.score_modes(test_samples[:3])
 
     for mode, (scores, maps) in again.items():
-        np.testing.assert_allclose(scores, mode_outputs[mode][0][:3], rtol=1e-5)
-        np.testing.assert_allclose(maps[0], mode_outputs[mode][1][0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(scores, before[mode][0], rtol=1e-5)
+        np.testing.assert_allclose(maps[0], before[mode][1][0], rtol=1e-4, atol=1e-5)
 
 
 def test_predict_names_the_mode_that_scored_the_frame(detector, test_samples):

@@ -171,6 +171,12 @@ def test_label_needs_a_finite_time():
         Label(frame_id="f-1", line_id="line-1", is_defect=False, labelled_at=float("inf"))
 
 
+@pytest.mark.parametrize(("field", "value"), [("defect_type", 3), ("inspector", ["ana"]), ("defect_type", "x" * 129)])
+def test_label_text_fields_must_be_short_text(field, value):
+    with pytest.raises(RecordError, match=f"invalid {field}"):
+        Label(frame_id="f-1", line_id="line-1", is_defect=True, labelled_at=1.5, **{field: value})
+
+
 def test_result_with_nan_score_rejected():
     with pytest.raises(RecordError, match="invalid image_score nan"):
         InspectionResult(**{**RESULT, "image_score": float("nan")})
