@@ -35,8 +35,7 @@ DEFECT_RATES_SQL = """
 SELECT line_id,
        count(*) AS frames,
        count(*) FILTER (WHERE is_defect) AS predicted_defects
-FROM results
-WHERE captured_at >= $since
+FROM results_since($since)
 GROUP BY line_id
 ORDER BY line_id
 """
@@ -48,8 +47,7 @@ WITH labelled AS (
            floor(r.captured_at / $bucket) * $bucket AS bucket_start,
            r.is_defect AS predicted,
            l.is_defect AS actual
-    FROM results AS r JOIN labels AS l USING (frame_id)
-    WHERE r.captured_at >= $since
+    FROM results_since($since) AS r JOIN labels AS l USING (frame_id)
 ), counts AS (
     SELECT line_id, bucket_start,
            count(*) FILTER (WHERE actual) AS defects,
@@ -98,6 +96,10 @@ ORDER BY r.inspected_at DESC, r.frame_id
 LIMIT $limit
 """
 
+# NOTE: the latest defects and the throughput read every result, not only the window's,
+# so that a line that went quiet still shows its last defect; with millions of results
+# each refresh costs seconds (deduplicating 10 million results took about 2.5 s in the
+# "before" rows of the query benchmark in docs/benchmarks.md).
 THROUGHPUT_SQL = """
 SELECT count(*) FILTER (WHERE inspected_at > $now - $recent AND inspected_at <= $now) AS recent_frames,
        count(*) FILTER (WHERE captured_at >= $since) AS frames_in_window,

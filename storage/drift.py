@@ -9,7 +9,7 @@ line raises no alert.
 
 The test is one-sided: is the recent miss rate higher than the baseline's? With a
 baseline of at least ``min_baseline`` defects it is Fisher's exact test on the
-2 x 2 table of (misses, catches) x (recent, baseline); with a shorter history it
+2 x 2 table of (misses, catches) x (recent, baseline). With a shorter history it
 is an exact binomial test against a reference FNR, when one is configured.
 """
 
