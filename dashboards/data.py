@@ -97,9 +97,9 @@ LIMIT $limit
 """
 
 # NOTE: the latest defects and the throughput read every result, not only the window's,
-# so that a line that went quiet still shows its last defect; with millions of results
-# each refresh costs seconds (deduplicating 10 million results took about 2.5 s in the
-# "before" rows of the query benchmark in docs/benchmarks.md).
+# so that a line that went quiet still shows its last defect. With millions of results
+# each refresh costs seconds: deduplicating 10 million results took about 2.5 s in the
+# "before" rows of the query benchmark in docs/benchmarks.md.
 THROUGHPUT_SQL = """
 SELECT count(*) FILTER (WHERE inspected_at > $now - $recent AND inspected_at <= $now) AS recent_frames,
        count(*) FILTER (WHERE captured_at >= $since) AS frames_in_window,

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import sys
+from pathlib import Path
 
 from qcstream.settings import Settings
 
@@ -33,6 +34,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     source = parse_source(args.source) if args.source else settings.data_dir
+    if args.source and isinstance(source, Path) and not source.is_dir():
+        raise ValueError(f"data folder {str(source)!r} not found: pass the folder that contains results/ and labels/")
     columns, rows = run_query(source, sql, window_seconds=args.window, last_n=args.last, settings=settings)
     if args.format == "json":
         for row in rows:
@@ -81,7 +84,7 @@ def add_query_command(commands) -> None:
         "query",
         help="run a named quality query or ad-hoc SQL over the results and labels",
         description="Query the Parquet results and labels with DuckDB, from $QCSTREAM_DATA_DIR or from a MinIO bucket "
-        "(--source). Views: results, labels, alerts (latest row per frame or alert), results_rows and labels_rows "
+        "(--source). Views: results, labels, alerts (latest row per frame or alert), results_rows, labels_rows and alerts_rows "
         "(every row written). Macros: wilson_low(errors, trials), wilson_high(errors, trials), results_since(seconds).",
     )
     query.add_argument("name", nargs="?", help="named query, or `list` to show them")

@@ -29,11 +29,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAST_N = 200
 
 WILSON_MACROS_SQL = f"""
-CREATE OR REPLACE TEMP MACRO wilson_low(errors, trials) AS CASE WHEN trials = 0 THEN NULL ELSE greatest(0.0,
+CREATE OR REPLACE TEMP MACRO wilson_low(errors, trials) AS CASE WHEN trials = 0 THEN NULL WHEN errors = 0 THEN 0.0 ELSE greatest(0.0,
     (errors / trials + {Z_95}^2 / (2 * trials)
      - {Z_95} * sqrt(errors / trials * (1 - errors / trials) / trials + {Z_95}^2 / (4 * trials * trials)))
     / (1 + {Z_95}^2 / trials)) END;
-CREATE OR REPLACE TEMP MACRO wilson_high(errors, trials) AS CASE WHEN trials = 0 THEN NULL ELSE least(1.0,
+CREATE OR REPLACE TEMP MACRO wilson_high(errors, trials) AS CASE WHEN trials = 0 THEN NULL WHEN errors = trials THEN 1.0 ELSE least(1.0,
     (errors / trials + {Z_95}^2 / (2 * trials)
      + {Z_95} * sqrt(errors / trials * (1 - errors / trials) / trials + {Z_95}^2 / (4 * trials * trials)))
     / (1 + {Z_95}^2 / trials)) END;

@@ -24,4 +24,7 @@ def wilson_interval(errors: int, trials: int, z: float = Z_95) -> tuple[float, f
     denominator = 1 + z_squared / trials
     center = (rate + z_squared / (2 * trials)) / denominator
     half_width = z * math.sqrt(rate * (1 - rate) / trials + z_squared / (4 * trials * trials)) / denominator
-    return max(0.0, center - half_width), min(1.0, center + half_width)
+    # The bounds at 0 and at ``trials`` errors are exactly 0 and 1; the formula gives them with rounding noise.
+    low = 0.0 if errors == 0 else max(0.0, center - half_width)
+    high = 1.0 if errors == trials else min(1.0, center + half_width)
+    return low, high

@@ -118,6 +118,9 @@ class DriftMonitor:
             )
             test = fnr_drift_test(frozen, min_baseline=1, reference_fnr=episode.baseline_fnr)
             if test is None or test.p_value <= settings.alert_clear_p_value:
+                logger.debug("line %s: alert %s stays open, recent %d/%d missed, p = %s", counts.line_id,
+                             episode.alert_id, counts.recent_misses, counts.recent_defects,
+                             "n/a" if test is None else f"{test.p_value:.3g}")
                 return None
             return _alert(episode.alert_id, "cleared", frozen, test.p_value, test.baseline_fnr, now)
 
@@ -126,6 +129,13 @@ class DriftMonitor:
             logger.debug("line %s: baseline of %d labelled defects is too short and no reference FNR is set",
                          counts.line_id, counts.baseline_defects)
             return None
+        logger.debug(
+            "line %s: recent %d/%d missed against %s, p = %.3g", counts.line_id, counts.recent_misses,
+            counts.recent_defects,
+            f"reference FNR {test.baseline_fnr:.3f}" if test.against_reference
+            else f"baseline {counts.baseline_misses}/{counts.baseline_defects}",
+            test.p_value,
+        )
         if test.p_value >= settings.alert_p_value or test.recent_fnr <= test.baseline_fnr:
             return None
 
@@ -240,10 +250,14 @@ def register_alert_timer(app: faust.App, topics: Any, settings: Settings) -> Non
             logger.exception("FNR drift check failed")
 
     app.timer(settings.alert_check_seconds, on_leader=True, name="check_fnr_drift")(check_fnr_drift)
+    reference = (
+        f"reference FNR {settings.alert_reference_fnr:g}" if settings.alert_reference_fnr is not None
+        else "no reference FNR"
+    )
     logger.info(
-        "FNR drift check every %.0f s: last %d labelled defects per line against up to %d before them, "
-        "alert at p < %g, clear at p > %g%s",
+        "FNR drift check every %.0f s: last %d labelled defects per line against up to %d before them "
+        "(at least %d, else %s), alert at p < %g, clear at p > %g%s; --log-level debug shows each line's test",
         settings.alert_check_seconds, settings.alert_recent_defects, settings.alert_baseline_defects,
-        settings.alert_p_value, settings.alert_clear_p_value,
+        settings.alert_min_baseline_defects, reference, settings.alert_p_value, settings.alert_clear_p_value,
         f", webhook {redact(settings.alert_webhook_url)}" if settings.alert_webhook_url else "",
     )

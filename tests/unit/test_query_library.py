@@ -370,3 +370,15 @@ def test_cli_help_names_default_last_n(capsys):
         main(["query", "--help"])
 
     assert f"(default: {DEFAULT_LAST_N}," in " ".join(capsys.readouterr().out.split())
+
+
+def test_wilson_macros_are_exact_at_the_ends():
+    import duckdb
+
+    from qcstream.storage.query_library import WILSON_MACROS_SQL
+
+    with duckdb.connect() as connection:
+        connection.execute(WILSON_MACROS_SQL)
+        row = connection.execute("SELECT wilson_low(0, 7), wilson_high(7, 7), wilson_low(0, 0)").fetchone()
+
+    assert row == (0.0, 1.0, None)

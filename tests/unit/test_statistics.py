@@ -37,3 +37,8 @@ def test_wilson_without_trials_is_none():
 def test_wilson_rejects_more_errors_than_trials():
     with pytest.raises(ValueError, match="invalid counts 3 of 2"):
         wilson_interval(3, 2)
+
+
+def test_wilson_bounds_are_exact_at_the_ends():
+    assert wilson_interval(0, 7)[0] == 0.0
+    assert wilson_interval(7, 7)[1] == 1.0
