@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CONDITION = "fnr-drift"
 
+
 def check_alert_settings(settings: Settings) -> None:
     """Raise ValueError naming the variable when an alert setting is out of range."""
     if settings.alert_check_seconds < 0:
@@ -225,7 +226,8 @@ class AlertNotifier:
                 status = await loop.run_in_executor(None, post_json, url, webhook_body(alert))
                 logger.info("alert %s %s posted to webhook %s (HTTP %d)", alert.alert_id, alert.state, redact(url), status)
             except WebhookError as error:
-                logger.error("%s; the alert is still in the alerts topic and the Parquet data", error)
+                logger.error("alert %s %s: %s. The alert is still in the alerts topic and the Parquet data",
+                             alert.alert_id, alert.state, error)
 
 
 def register_alert_timer(app: faust.App, topics: Any, settings: Settings) -> None:
@@ -233,16 +235,13 @@ def register_alert_timer(app: faust.App, topics: Any, settings: Settings) -> Non
     if settings.alert_check_seconds == 0:
         logger.info("FNR drift check is off (QCSTREAM_ALERT_CHECK_SECONDS=0)")
         return
-    check_alert_settings(settings)
+    # The monitor checks the settings and reads the open episodes from the Parquet data.
+    monitor = DriftMonitor(settings)
     notifier = AlertNotifier(settings, topics.alerts)
-    state: dict[str, DriftMonitor] = {}
 
     async def check_fnr_drift() -> None:
         loop = asyncio.get_running_loop()
         try:
-            if "monitor" not in state:
-                state["monitor"] = await loop.run_in_executor(None, DriftMonitor, settings)
-            monitor = state["monitor"]
             for alert in await loop.run_in_executor(None, monitor.check):
                 await notifier.notify(alert)
                 monitor.record(alert)

@@ -227,9 +227,9 @@ class Alert(Record):
     """A drift alert on one line; the ``firing`` and ``cleared`` records of one episode share ``alert_id``.
 
     ``condition`` names the check (``"fnr-drift"``). The ``recent_*`` counts are the
-    line's most recent labelled defects and the misses among them, the
-    ``baseline_*`` counts the labelled defects before those; ``p_value`` is the
-    one-sided test that the recent false-negative rate is higher than the baseline's.
+    line's most recent labelled defects and the misses among them. The
+    ``baseline_*`` counts are the labelled defects before those. ``p_value`` comes
+    from the one-sided test that the recent false-negative rate is higher than the baseline's.
     """
 
     kind: ClassVar[str] = "alert"

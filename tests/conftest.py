@@ -195,7 +195,7 @@ def _free_port() -> int:
 
 
 class WebhookReceiver:
-    """An HTTP server on a free 127.0.0.1 port that answers each POST with the next status in ``statuses``."""
+    """An HTTP server on a free 127.0.0.1 port that responds to each POST with the next status in ``statuses``."""
 
     def __init__(self, statuses: list[int]) -> None:
         self.statuses = list(statuses)

@@ -180,7 +180,8 @@ def test_monitor_fires_once_and_clears(tmp_path: Path):
     # A new drift is a new episode.
     script.rows = [DefectCounts("A", 5, 5, 40, 2, 5.0, 9.0)]
     [again] = check_and_record(monitor, 70)
-    assert again.state == "firing" and again.alert_id != fired.alert_id
+    assert again.state == "firing"
+    assert again.alert_id != fired.alert_id
 
 
 def test_monitor_repeats_undelivered_alert(tmp_path: Path):
@@ -204,14 +205,16 @@ def test_monitor_reference_fnr_for_new_lines(tmp_path: Path):
     [fired] = check_and_record(monitor, 10)
 
     assert fired.line_id == "B"
-    assert fired.baseline_fnr == 0.1 and (fired.baseline_defects, fired.baseline_misses) == (0, 0)
+    assert fired.baseline_fnr == 0.1
+    assert (fired.baseline_defects, fired.baseline_misses) == (0, 0)
     expected = sum(math.comb(5, k) * 0.1**k * 0.9 ** (5 - k) for k in range(4, 6))
     assert fired.p_value == pytest.approx(expected)
 
     # It clears against the same reference.
     script.rows = [DefectCounts("B", 5, 0, 8, 4, 2.0, 6.0)]
     [cleared] = check_and_record(monitor, 20)
-    assert cleared.state == "cleared" and cleared.baseline_fnr == 0.1
+    assert cleared.state == "cleared"
+    assert cleared.baseline_fnr == 0.1
 
 
 def test_open_episodes_survive_restart(tmp_path: Path):
