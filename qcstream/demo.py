@@ -181,6 +181,7 @@ def _print_report(settings: Settings, streaming_started: float) -> None:
     print("== Quality report (DuckDB over the Parquet results and labels of this run)", flush=True)
     print(format_report(quality_report(settings.data_dir, settings, window_seconds=window_seconds)), flush=True)
     print(f"   Later: `qcstream report --window SECONDS` or `--last N` over everything in {settings.data_dir}", flush=True)
+    print("   Live view: run the demo with --keep-services, then `qcstream dashboard` (http://127.0.0.1:8050/)", flush=True)
 
 
 def _stop_worker(worker: subprocess.Popen) -> None:
